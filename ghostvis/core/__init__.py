@@ -1,0 +1,11 @@
+"""Configs, presets, parameter pytrees, the pure model functions and checkpoint I/O."""
+
+from . import presets
+from .config import ConfigError, ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from .io import CheckpointError, load, save
+from .model import ImageTokenMismatch, count_params, encode_images, flops_per_token, forward, hidden_states, init
+from .tree import flatten, tree_map, unflatten
+
+__all__ = ["presets", "ConfigError", "ConnectorConfig", "ModelConfig", "TextConfig", "VisionConfig",
+           "CheckpointError", "load", "save", "ImageTokenMismatch", "count_params", "encode_images",
+           "flops_per_token", "forward", "hidden_states", "init", "flatten", "tree_map", "unflatten"]

@@ -1,0 +1,147 @@
+"""The Llama/Qwen3-family decoder as pure functions over its parameter subtree.
+
+Layout of ``params["text"]`` (weights are ``[out, in]``, like ``nn.Linear``)::
+
+    embed            [vocab, dim]
+    layers[i].attn_norm              [dim]
+    layers[i].attn.wq / wk / wv      [n_heads*hd, dim] / [n_kv*hd, dim] / [n_kv*hd, dim]
+    layers[i].attn.bq / bk / bv      (qkv_bias only)
+    layers[i].attn.q_norm / k_norm   [hd]  (qk_norm only)
+    layers[i].attn.wo                [dim, n_heads*hd]
+    layers[i].mlp_norm               [dim]
+    layers[i].mlp.w_gate / w_up      [ffn, dim]
+    layers[i].mlp.w_down             [dim, ffn]
+    norm             [dim]
+    lm_head          [vocab, dim]  (absent when tie_embeddings)
+
+Nothing here holds state. The optional KV cache is a pair of preallocated
+buffers per layer that :func:`attention_block` writes in place at ``cache_pos``
+(the one documented exception, like a donated buffer in JAX).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from .config import TextConfig
+from .init_utils import Init
+
+Tensor = torch.Tensor
+
+
+def init_text(cfg: TextConfig, init: Init) -> dict:
+    hd, d = cfg.head_dim, cfg.dim
+    out_std = 0.02 / (2 * cfg.n_layers) ** 0.5  # residual-branch outputs start small
+    layers = []
+    for _ in range(cfg.n_layers):
+        attn = {
+            "wq": init.normal(cfg.n_heads * hd, d),
+            "wk": init.normal(cfg.n_kv_heads * hd, d),
+            "wv": init.normal(cfg.n_kv_heads * hd, d),
+            "wo": init.normal(d, cfg.n_heads * hd, std=out_std),
+        }
+        if cfg.qkv_bias:
+            attn |= {"bq": init.zeros(cfg.n_heads * hd), "bk": init.zeros(cfg.n_kv_heads * hd),
+                     "bv": init.zeros(cfg.n_kv_heads * hd)}
+        if cfg.qk_norm:
+            attn |= {"q_norm": init.ones(hd), "k_norm": init.ones(hd)}
+        mlp = {"w_gate": init.normal(cfg.ffn_dim, d), "w_up": init.normal(cfg.ffn_dim, d),
+               "w_down": init.normal(d, cfg.ffn_dim, std=out_std)}
+        layers.append({"attn_norm": init.ones(d), "attn": attn, "mlp_norm": init.ones(d), "mlp": mlp})
+    params = {"embed": init.normal(cfg.vocab_size, d), "layers": layers, "norm": init.ones(d)}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = init.normal(cfg.vocab_size, d)
+    return params
+
+
+def rope_tables(cfg: TextConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos/sin ``[B, T, head_dim]`` (float32) for integer ``positions`` ``[B, T]``."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=positions.device, dtype=torch.float32) / hd))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def project(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """A linear layer; INT8-quantized weights (a dict with ``q`` and ``scale``) take the INT8 kernel."""
+    if isinstance(w, dict):
+        return ops.int8_linear(x, w["q"], w["scale"], b)
+    return ops.linear(x, w, b)
+
+
+def attention_block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, *,
+                    doc_ids: Optional[Tensor] = None, kv_cache: Optional[tuple[Tensor, Tensor]] = None,
+                    cache_pos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
+    """Self-attention of one block on already-normalised ``x`` ``[B, T, dim]``.
+
+    Without a cache: causal attention over ``x`` (within documents if ``doc_ids``).
+    With ``kv_cache=(k_buf, v_buf)`` (``[B, n_kv, S, hd]``): k/v are written at
+    slots ``cache_pos`` ``[T]`` and the queries attend over the whole buffer
+    under ``attn_mask`` ``[B, 1, T, S]`` (True = attend), which the caller builds.
+    """
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    q = project(x, p["wq"], p.get("bq")).view(b, t, cfg.n_heads, hd).transpose(1, 2)
+    k = project(x, p["wk"], p.get("bk")).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+    v = project(x, p["wv"], p.get("bv")).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+    if cfg.qk_norm:
+        q = ops.rms_norm(q, p["q_norm"], cfg.norm_eps)
+        k = ops.rms_norm(k, p["k_norm"], cfg.norm_eps)
+    q, k = ops.rope(q, k, cos, sin)
+    if kv_cache is None:
+        o = ops.attention(q, k, v, causal=True, doc_ids=doc_ids)
+    else:
+        k_buf, v_buf = kv_cache
+        k_buf.index_copy_(2, cache_pos, k.to(k_buf.dtype))
+        v_buf.index_copy_(2, cache_pos, v.to(v_buf.dtype))
+        o = ops.attention(q, k_buf, v_buf, causal=False, mask=attn_mask)
+    o = o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd)
+    return project(o, p["wo"])
+
+
+def mlp_block(p: dict, x: Tensor) -> Tensor:
+    """SwiGLU MLP on already-normalised ``x``."""
+    return project(ops.swiglu(project(x, p["w_gate"]), project(x, p["w_up"])), p["w_down"])
+
+
+def block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, **attn_kw) -> Tensor:
+    """One pre-norm transformer block: ``x + attn(norm(x))``, then ``+ mlp(norm(x))``."""
+    x = x + attention_block(p["attn"], cfg, ops.rms_norm(x, p["attn_norm"], cfg.norm_eps), cos, sin, **attn_kw)
+    return x + mlp_block(p["mlp"], ops.rms_norm(x, p["mlp_norm"], cfg.norm_eps))
+
+
+def default_positions(tokens_or_embeds: Tensor) -> Tensor:
+    b, t = tokens_or_embeds.shape[:2]
+    return torch.arange(t, device=tokens_or_embeds.device).expand(b, t)
+
+
+def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[Tensor] = None, *,
+                  doc_ids: Optional[Tensor] = None, kv_cache: Optional[list] = None,
+                  cache_pos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                  block_fn=None) -> Tensor:
+    """Run all blocks on input embeddings ``x`` ``[B, T, dim]``; returns the final-normed hidden states.
+
+    ``block_fn`` replaces :func:`block` (e.g. a rematerialised version of it).
+    """
+    positions = default_positions(x) if positions is None else positions
+    cos, sin = rope_tables(cfg, positions)
+    block_fn = block if block_fn is None else block_fn
+    for i, lp in enumerate(params["layers"]):
+        kw = {"doc_ids": doc_ids}
+        if kv_cache is not None:
+            kw |= {"kv_cache": kv_cache[i], "cache_pos": cache_pos, "attn_mask": attn_mask}
+        x = block_fn(lp, cfg, x, cos, sin, **kw)
+    return ops.rms_norm(x, params["norm"], cfg.norm_eps)
+
+
+def lm_head_weight(params: dict) -> Tensor:
+    return params.get("lm_head", params["embed"])
+
+
+def logits(params: dict, h: Tensor) -> Tensor:
+    """LM-head logits for hidden states ``h``."""
+    return project(h, lm_head_weight(params))

@@ -1,0 +1,103 @@
+"""The one seam where every op picks its implementation.
+
+Each op has a ``reference`` backend (plain torch, the oracle for tests and the CPU
+path) and may register fast ones. ``call(op, ...)`` takes the first registered
+backend, in priority order, whose ``supports(*args, **kwargs)`` says yes; a
+forced backend (``use(...)`` context manager, or ``force(...)``) wins, and a
+forced backend that cannot take the inputs raises instead of silently falling
+back. The first time an op runs with a given backend it is logged once on the
+``ghostvis.ops`` logger, so a run's log says which path it actually took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+log = logging.getLogger("ghostvis.ops")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable
+    supports: Callable[..., bool]
+    priority: int
+
+
+_REGISTRY: dict[str, list[Backend]] = {}
+_FORCED: dict[str, str] = {}
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _always(*args, **kwargs) -> bool:
+    return True
+
+
+def register(op: str, name: str, fn: Callable, supports: Callable[..., bool] = _always, priority: int = 0) -> None:
+    """Register ``fn`` as backend ``name`` of ``op``; higher priority is tried first."""
+    backends = [b for b in _REGISTRY.get(op, []) if b.name != name]
+    backends.append(Backend(name, fn, supports, priority))
+    _REGISTRY[op] = sorted(backends, key=lambda b: -b.priority)
+
+
+def backends(op: str) -> list[str]:
+    """Names of the backends registered for ``op``, in the order they are tried."""
+    return [b.name for b in _REGISTRY[op]]
+
+
+def choose(op: str, *args, **kwargs) -> Backend:
+    """The backend ``call`` would use for these inputs."""
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; known: {sorted(_REGISTRY)}")
+    forced = _FORCED.get(op) or _FORCED.get("*")
+    if forced is not None:
+        for b in _REGISTRY[op]:
+            if b.name == forced:
+                if not b.supports(*args, **kwargs):
+                    raise RuntimeError(f"backend {forced!r} was forced for {op!r} but cannot run these inputs")
+                return b
+        if op in _FORCED:  # a per-op force must name a real backend; a global one may skip ops lacking it
+            raise KeyError(f"op {op!r} has no backend {forced!r}; it has {backends(op)}")
+    for b in _REGISTRY[op]:
+        if b.supports(*args, **kwargs):
+            return b
+    raise RuntimeError(f"no backend of {op!r} supports these inputs")
+
+
+def call(op: str, *args, **kwargs):
+    """Run ``op`` on the chosen backend."""
+    b = choose(op, *args, **kwargs)
+    if (op, b.name) not in _LOGGED and not torch.compiler.is_compiling():
+        _LOGGED.add((op, b.name))
+        log.info("op %s uses backend %s", op, b.name)
+    return b.fn(*args, **kwargs)
+
+
+def force(**op_to_backend: str | None) -> None:
+    """Pin backends globally, e.g. ``force(attention="sdpa")``; ``None`` unpins.
+
+    The key ``all`` pins every op that has a backend of that name (``force(all="reference")``).
+    """
+    for op, name in op_to_backend.items():
+        key = "*" if op == "all" else op
+        if name is None:
+            _FORCED.pop(key, None)
+        else:
+            _FORCED[key] = name
+
+
+@contextlib.contextmanager
+def use(**op_to_backend: str) -> Iterator[None]:
+    """Context manager form of :func:`force`: ``with use(rms_norm="triton"): ...``."""
+    saved = dict(_FORCED)
+    force(**op_to_backend)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)

@@ -1,0 +1,185 @@
+"""Plain-torch reference implementations of every GhostVis op.
+
+These are the oracles: fast backends are tested against them, and they are the
+CPU path. They favour clarity over speed, accumulate in float32 where it
+matters, and return the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """``x / rms(x) * weight`` over the last dim, computed in float32."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim, computed in float32."""
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up``."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, exact (``approximate="none"``) or the tanh form SigLIP uses."""
+    return F.gelu(x, approximate=approximate)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ weight.T + bias`` with weight in the ``[out, in]`` layout."""
+    return F.linear(x, weight, bias)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding in the half-split (HF Llama ``rotate_half``) convention.
+
+    q: ``[B, Hq, T, D]``, k: ``[B, Hk, T, D]``, cos/sin: ``[B, T, D]`` (or ``[T, D]``).
+    """
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    c, s = cos[:, None].float(), sin[:, None].float()
+    qf, kf = q.float(), k.float()
+    return (qf * c + _rotate_half(qf) * s).to(q.dtype), (kf * c + _rotate_half(kf) * s).to(k.dtype)
+
+
+def attention_mask(
+    tq: int,
+    tk: int,
+    *,
+    causal: bool,
+    doc_ids: Optional[Tensor] = None,
+    key_valid: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    device=None,
+) -> Optional[Tensor]:
+    """The boolean ``[B|1, 1, Tq, Tk]`` mask (True = may attend) the arguments describe, or None.
+
+    Causal masking is bottom-right aligned: query ``i`` sits at position ``tk - tq + i``.
+    """
+    out = None
+    if causal:
+        qpos = torch.arange(tq, device=device) + (tk - tq)
+        out = (torch.arange(tk, device=device)[None, :] <= qpos[:, None])[None, None]
+    if doc_ids is not None:
+        if tq != tk:
+            raise ValueError(f"doc_ids need as many queries as keys, got {tq} and {tk}")
+        same = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+        out = same if out is None else out & same
+    if key_valid is not None:
+        kv = key_valid[:, None, None, :].bool()
+        out = kv if out is None else out & kv
+    if mask is not None:
+        out = mask.bool() if out is None else out & mask.bool()
+    return out
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    doc_ids: Optional[Tensor] = None,
+    key_valid: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Softmax attention with GQA, computed in float32 without repeating K/V.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]`` with ``Hkv`` dividing ``Hq``.
+        causal: bottom-right aligned causal mask (decode against a cache works).
+        doc_ids: ``[B, T]`` document ids of a packed row; tokens attend only
+            within their own document.
+        key_valid: ``[B, Tk]`` bool, False for padding keys.
+        mask: extra bool mask broadcastable to ``[B, 1, Tq, Tk]`` (True = attend).
+        scale: softmax scale, default ``D ** -0.5``.
+
+    A query row with no allowed key returns zeros.
+    """
+    b, hq, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    g = hq // hk
+    scale = d**-0.5 if scale is None else scale
+    qg = q.float().reshape(b, hk, g, tq, d)
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k.float()) * scale
+    allowed = attention_mask(tq, tk, causal=causal, doc_ids=doc_ids, key_valid=key_valid, mask=mask, device=q.device)
+    if allowed is not None:
+        allowed = allowed[:, :, None]  # broadcast over the group dim
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if allowed is not None:
+        probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v.float())
+    return out.reshape(b, hq, tq, d).to(q.dtype)
+
+
+def linear_cross_entropy(
+    h: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy of ``h @ weight.T`` against ``targets``, logits in float32.
+
+    h: ``[N, D]``, weight: ``[V, D]``, targets: ``[N]``. ``reduction`` is
+    ``mean`` (over non-ignored tokens; 0 when all are ignored), ``sum`` or
+    ``none`` (per token, 0 at ignored positions). This reference materialises
+    the ``[N, V]`` logits; fast backends never do.
+    """
+    logits = (h @ weight.T).float()
+    losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        count = (targets != ignore_index).sum().clamp(min=1)
+        return losses.sum() / count
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Weight-only INT8 linear: ``x @ (weight_int8 * scale[:, None]).T``.
+
+    weight_int8: ``[out, in]`` int8; scale: ``[out]`` per-output-channel scales.
+    """
+    y = F.linear(x, weight_int8.to(x.dtype)) * scale.to(x.dtype)
+    return y + bias if bias is not None else y
+
+
+def sdpa_attention(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=None, scale=None):
+    """torch SDPA (cuDNN/flash/efficient/math picked by torch) with GQA, no K/V repeat."""
+    tq, tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if doc_ids is None and key_valid is None and mask is None and (not causal or tq == tk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    allowed = attention_mask(tq, tk, causal=causal, doc_ids=doc_ids, key_valid=key_valid, mask=mask, device=q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    # rows with no allowed key come back as NaN from SDPA; make them zero like the reference
+    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
