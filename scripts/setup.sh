@@ -22,5 +22,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     pip install torch==2.13.0 || pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip install -e ".[dev,triton]"
+pip install -e ".[dev,triton,jax]"
 echo "$want" > "$stamp"
