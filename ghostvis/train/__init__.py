@@ -1,0 +1,1 @@
+"""Training: functional optimizers, the train step, data (tokenizer, chat rendering, packing, datasets), checkpoints."""
