@@ -112,14 +112,14 @@ class Tokenizer:
         """A ``transformers.PreTrainedTokenizerFast`` over the same ``tokenizer.json``.
 
         Sets bos/eos/pad tokens (eos is ``<|end|>``: generation stops at the end of a
-        turn), the ``<|image|>`` extra token and, by default, :data:`ghostvis.train.chat.CHAT_TEMPLATE`.
+        turn), ``image_token``, the other specials as extra special tokens and, by default, :data:`ghostvis.train.chat.CHAT_TEMPLATE`.
         """
         from transformers import PreTrainedTokenizerFast
 
         from .chat import CHAT_TEMPLATE
         hf = PreTrainedTokenizerFast(
             tokenizer_object=HFTokenizer.from_str(self._json), bos_token=BOS, eos_token=END, pad_token=PAD,
-            extra_special_tokens={"image_token": IMAGE},
+            image_token=IMAGE, extra_special_tokens=[EOS, IMAGE, USER, ASSISTANT, SYSTEM],
             chat_template=CHAT_TEMPLATE if chat_template is None else chat_template, **kwargs)
         return hf
 
