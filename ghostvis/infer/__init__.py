@@ -1,0 +1,6 @@
+"""Inference: static KV cache, sampling, the generation engine, INT8 quantization and HF/vLLM export."""
+
+from .generate import generate, generate_uncached, stream
+from .quantize import dequantize, quantize
+
+__all__ = ["generate", "generate_uncached", "stream", "quantize", "dequantize"]

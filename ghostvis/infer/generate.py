@@ -1,0 +1,224 @@
+"""Batched generation with a static KV cache: prefill once, then one captured decode step per token.
+
+    out = generate(params, cfg, [ids_a, ids_b], max_new_tokens=32, stop_ids=[tok.end_id, tok.eos_id])
+    for step in stream(params, cfg, [ids]):   # tokens as they are produced
+        print(step[0])
+
+Prompts of different lengths share one batch: they are left-padded, padding
+keys are masked out and every row gets its own RoPE positions (see
+:mod:`.kv_cache`). Images are encoded once, merged into the prompt embeddings
+and prefilled with the text; decoding never looks at them again.
+
+On CUDA the decode step (embedding, all blocks, LM head) is captured once as
+a CUDA graph and replayed for every token, so small-batch decoding is not
+bound by Python and kernel launches. Shapes are static within a generation,
+so one capture serves all of its steps. On the CPU the same step runs eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from ..core import decoder as _decoder
+from ..core.config import ModelConfig
+from ..core.model import ImageTokenMismatch, embed, encode_images, forward
+from .kv_cache import attention_mask, init_kv_cache, key_valid, left_pad, positions_at
+from .sampling import check_sampling, sample
+
+Tensor = torch.Tensor
+Step = Callable[[Tensor, int], Tensor]
+
+
+def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+                  images: Optional[Sequence[Sequence[Tensor]]]) -> None:
+    """Raise a ValueError naming the first bad prompt (empty, out of vocab, too long, image mismatch)."""
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images has {len(images)} entries but there are {len(prompts)} prompts "
+                         "(give one list of images per prompt, [] for a text-only prompt)")
+    vocab, context = cfg.text.vocab_size, cfg.text.max_seq_len
+    for row, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {row} is empty")
+        if len(p) > context:
+            raise ValueError(f"prompt {row} has {len(p)} tokens, longer than the model's context "
+                             f"(max_seq_len={context})")
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {row} has token ids outside [0, {vocab}): {bad[:5]}")
+        n_images = 0 if images is None else len(images[row])
+        found = sum(t == cfg.image_token_id for t in p) if cfg.image_token_id is not None else 0
+        if found != n_images * cfg.num_image_tokens:
+            raise ImageTokenMismatch(f"prompt {row} has {found} <|image|> placeholders but {n_images} images x "
+                                     f"{cfg.num_image_tokens} tokens per image = {n_images * cfg.num_image_tokens}")
+
+
+def stack_images(images: Optional[Sequence[Sequence[Tensor]]], device, dtype) -> Optional[Tensor]:
+    """All images of all prompts, in reading order, as one ``[N, C, H, W]`` tensor (None if there are none)."""
+    flat = [img for row in images or [] for img in row]
+    return torch.stack(flat).to(device=device, dtype=dtype) if flat else None
+
+
+def prefill(params: dict, cfg: ModelConfig, tokens: Tensor, pad: Tensor, valid: Tensor, cache: list,
+            images: Optional[Tensor]) -> Tensor:
+    """Run the left-padded prompts ``[B, P]`` through the model, filling slots ``0..P-1`` of ``cache``.
+
+    Returns the float32 logits ``[B, vocab]`` at the last prompt position.
+    """
+    cache_pos = torch.arange(tokens.shape[1], device=tokens.device)
+    image_embeds = encode_images(params, cfg, images) if images is not None else None
+    x = embed(params, cfg, tokens, image_embeds=image_embeds)
+    h = _decoder.decode_hidden(params["text"], cfg.text, x, positions_at(cache_pos, pad), kv_cache=cache,
+                               cache_pos=cache_pos, attn_mask=attention_mask(cache_pos, valid))
+    return _decoder.logits(params["text"], h[:, -1]).float()
+
+
+def decode_step(params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor, tokens: Tensor,
+                cache_pos: Tensor) -> Tensor:
+    """Write ``tokens`` ``[B]`` at slot ``cache_pos`` ``[1]``; return the float32 next-token logits ``[B, vocab]``.
+
+    Only tensor ops with static shapes, no host syncs: safe to capture in a CUDA graph.
+    """
+    x = params["text"]["embed"][tokens[:, None]]
+    h = _decoder.decode_hidden(params["text"], cfg.text, x, positions_at(cache_pos, pad), kv_cache=cache,
+                               cache_pos=cache_pos, attn_mask=attention_mask(cache_pos, valid))
+    return _decoder.logits(params["text"], h[:, 0]).float()
+
+
+def eager_step(params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor) -> Step:
+    """``step(tokens, slot) -> logits`` running :func:`decode_step` op by op."""
+    def step(tokens: Tensor, slot: int) -> Tensor:
+        return decode_step(params, cfg, cache, pad, valid, tokens, torch.tensor([slot], device=tokens.device))
+    return step
+
+
+def cuda_graph_step(params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor) -> Step:
+    """``step(tokens, slot) -> logits`` that captures :func:`decode_step` as a CUDA graph on first use.
+
+    Inputs are copied into static buffers and the graph replayed; the returned
+    logits live in the graph's static output (valid until the next call).
+    """
+    device = pad.device
+    static_tokens = torch.zeros(pad.shape[0], dtype=torch.long, device=device)
+    static_slot = torch.zeros(1, dtype=torch.long, device=device)
+    run = lambda: decode_step(params, cfg, cache, pad, valid, static_tokens, static_slot)  # noqa: E731
+    graph, out = None, None
+
+    def step(tokens: Tensor, slot: int) -> Tensor:
+        nonlocal graph, out
+        static_tokens.copy_(tokens)
+        static_slot.fill_(slot)
+        if graph is None:
+            # warm up on a side stream (as capture requires); rewriting this step's slot is harmless
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run()
+        graph.replay()
+        return out
+
+    return step
+
+
+@torch.no_grad()
+def stream(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+           images: Optional[Sequence[Sequence[Tensor]]] = None, *, max_new_tokens: int = 64,
+           stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, seed: Optional[int] = None,
+           cuda_graph: Optional[bool] = None) -> Iterator[list[Optional[int]]]:
+    """Generate token by token: yields, per decoding step, one entry per prompt.
+
+    An entry is the new token id of that row, or None once the row has stopped
+    (a stop token is never yielded). The arguments are those of :func:`generate`.
+    Stops after ``max_new_tokens`` steps, when every row has stopped, or when
+    the longest prompt plus the new tokens fills the context (``max_seq_len``).
+    """
+    check_sampling(temperature, top_k, top_p)
+    check_prompts(cfg, prompts, images)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    weight = params["text"]["embed"]
+    device, dtype = weight.device, weight.dtype
+    longest = max(len(p) for p in prompts)
+    n_new = min(max_new_tokens, cfg.text.max_seq_len - longest)
+    if n_new <= 0:
+        return
+    slots = longest + n_new
+    pad_id = 0 if cfg.image_token_id != 0 else 1  # any id that is not an image placeholder
+    tokens, pad = left_pad([list(p) for p in prompts], pad_id, device)
+    valid = key_valid(pad, slots)
+    cache = init_kv_cache(cfg.text, len(prompts), slots, device=device, dtype=dtype)
+    logits = prefill(params, cfg, tokens, pad, valid, cache, stack_images(images, device, dtype))
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    step = (cuda_graph_step if use_graph else eager_step)(params, cfg, cache, pad, valid)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for i in range(n_new):
+        nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        done_before = done.clone()
+        done |= torch.isin(nxt, stop)
+        yield [None if d else t for t, d in zip(nxt.tolist(), done.tolist())]
+        if i == n_new - 1 or bool(done.all()):
+            return
+        # finished rows keep decoding (static shapes); feed them a harmless token
+        logits = step(torch.where(done_before, pad_id, nxt), longest + i)
+
+
+def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+             images: Optional[Sequence[Sequence[Tensor]]] = None, *, max_new_tokens: int = 64,
+             stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: Optional[int] = None,
+             on_token: Optional[Callable[[int, int], None]] = None,
+             cuda_graph: Optional[bool] = None) -> list[list[int]]:
+    """Continue each prompt; returns the generated ids only (no prompt, no stop token).
+
+    Args:
+        params, cfg: the model (any float dtype; INT8-quantized params work too).
+        prompts: token id lists, of any lengths up to ``cfg.text.max_seq_len``.
+        images: per prompt, the ``[C, H, W]`` normalised images whose
+            ``<|image|>`` placeholders already appear in its ids (``[]`` for none).
+        max_new_tokens: most tokens generated per prompt.
+        stop_ids: ids that end a row (e.g. ``<|end|>``, ``<|eos|>``); excluded from the output.
+        temperature: 0 is greedy; otherwise sampling at this temperature.
+        top_k, top_p: keep only the k most likely tokens / the smallest set with mass ``top_p``.
+        seed: seeds the sampler, so the same call gives the same tokens (on the same device).
+        on_token: called as ``on_token(row, token_id)`` for every generated token, as it comes.
+        cuda_graph: capture the decode step as a CUDA graph (default: on for CUDA params).
+    """
+    out: list[list[int]] = [[] for _ in prompts]
+    for tokens in stream(params, cfg, prompts, images, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, cuda_graph=cuda_graph):
+        for row, t in enumerate(tokens):
+            if t is not None:
+                out[row].append(t)
+                if on_token is not None:
+                    on_token(row, t)
+    return out
+
+
+@torch.no_grad()
+def generate_uncached(params: dict, cfg: ModelConfig, prompt: Sequence[int], images: Sequence[Tensor] = (), *,
+                      max_new_tokens: int = 64, stop_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy generation by re-running the full forward for every token: slow, the oracle for tests."""
+    check_prompts(cfg, [prompt], [list(images)])
+    weight = params["text"]["embed"]
+    ids = list(prompt)
+    image_batch = stack_images([list(images)], weight.device, weight.dtype)
+    out: list[int] = []
+    for _ in range(min(max_new_tokens, cfg.text.max_seq_len - len(prompt))):
+        logits = forward(params, cfg, torch.tensor([ids], device=weight.device), image_batch)
+        nxt = int(logits[0, -1].float().argmax())
+        if nxt in stop_ids:
+            break
+        out.append(nxt)
+        ids.append(nxt)
+    return out
