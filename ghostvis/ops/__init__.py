@@ -1,8 +1,25 @@
 """Every numeric primitive the GhostVis model calls.
 
 Each public function here routes through :mod:`ghostvis.ops.dispatch`, which
-picks a backend (``reference`` plain torch, or a fast one) by device, dtype and
-what is installed. Force one with ``ghostvis.ops.use(attention="reference")``.
+picks a backend by device, dtype and what is installed:
+
+==================== =============================================================
+op                   backends, in the order they are tried
+==================== =============================================================
+rms_norm             triton, reference
+swiglu               triton, reference
+rope                 triton, reference
+linear_cross_entropy triton (chunked), chunked (chunked, torch rows), reference
+int8_linear          triton, reference
+attention            flex (packed documents), flash_attn, sdpa, reference
+layer_norm, gelu,    reference (torch's own kernels are already fused)
+linear
+==================== =============================================================
+
+Triton backends run CUDA tensors, and CPU tensors through Triton's interpreter
+when forced or when ``TRITON_INTERPRET=1``; otherwise CPU takes the reference.
+Force a backend for a block with ``ghostvis.ops.use(attention="sdpa")``, globally
+with ``force(...)``, or for one call with ``backend="..."``.
 """
 
 from __future__ import annotations
@@ -11,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from . import attention as _attention
 from . import dispatch, reference
 from .dispatch import backends, force, use
 
@@ -20,64 +38,109 @@ for _name in ("rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "att
               "linear_cross_entropy", "int8_linear"):
     dispatch.register(_name, "reference", getattr(reference, _name))
 
+try:
+    import triton  # noqa: F401
 
-def _sdpa_ok(q, k, v, **kw) -> bool:
-    # The masked reference is exact on CPU; SDPA pays off where a fused kernel exists.
-    return q.is_cuda
+    HAS_TRITON = True
+except ImportError:  # the ops still work: every op keeps its reference
+    HAS_TRITON = False
 
 
-dispatch.register("attention", "sdpa", reference.sdpa_attention, supports=_sdpa_ok, priority=10)
+def _triton_auto(first: Tensor, *args, **kwargs) -> bool:
+    return first.is_cuda or (first.device.type == "cpu" and dispatch.interpreting())
 
 
-def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+def _triton_device(first: Tensor, *args, **kwargs) -> bool:
+    return first.is_cuda or first.device.type == "cpu"
+
+
+def _both(*preds):
+    return lambda *a, **k: all(p(*a, **k) for p in preds)
+
+
+if HAS_TRITON:
+    from . import fused, linear_ce
+
+    dispatch.register("rms_norm", "triton", fused.rms_norm, priority=10, auto=_triton_auto,
+                      supports=_both(_triton_device, fused.rms_norm_ok))
+    dispatch.register("swiglu", "triton", fused.swiglu, priority=10, auto=_triton_auto,
+                      supports=_both(_triton_device, fused.swiglu_ok))
+    dispatch.register("rope", "triton", fused.rope, priority=10, auto=_triton_auto,
+                      supports=_both(_triton_device, fused.rope_ok))
+    dispatch.register("int8_linear", "triton", fused.int8_linear, priority=10, auto=_triton_auto,
+                      supports=_both(_triton_device, fused.int8_linear_ok))
+    dispatch.register("linear_cross_entropy", "triton", linear_ce.linear_cross_entropy, priority=10,
+                      auto=_triton_auto, supports=_both(_triton_device, linear_ce.linear_cross_entropy_ok))
+
+# The chunked loss with plain-torch rows: no Triton needed; picked only when forced.
+from . import linear_ce as _linear_ce  # noqa: E402
+
+
+def _chunked_torch(h, weight, targets, **kw):
+    return _linear_ce.linear_cross_entropy(h, weight, targets, impl="torch", **kw)
+
+
+dispatch.register("linear_cross_entropy", "chunked", _chunked_torch, supports=_linear_ce.linear_cross_entropy_ok,
+                  priority=-10, auto=lambda *a, **k: False)
+
+dispatch.register("attention", "sdpa", _attention.sdpa_attention, supports=_attention.sdpa_ok, priority=10)
+dispatch.register("attention", "flash_attn", _attention.flash_attention, supports=_attention.flash_attn_ok,
+                  priority=20)
+dispatch.register("attention", "flex", _attention.flex_attention, supports=_attention.flex_ok, priority=30,
+                  auto=_attention.flex_for_documents)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, backend: Optional[str] = None) -> Tensor:
     """RMSNorm over the last dim, optionally times a learned ``weight``."""
-    return dispatch.call("rms_norm", x, weight, eps)
+    return dispatch.call("rms_norm", x, weight, eps, backend=backend)
 
 
-def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6, *,
+               backend: Optional[str] = None) -> Tensor:
     """LayerNorm over the last dim with affine ``weight`` and ``bias``."""
-    return dispatch.call("layer_norm", x, weight, bias, eps)
+    return dispatch.call("layer_norm", x, weight, bias, eps, backend=backend)
 
 
-def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+def swiglu(gate: Tensor, up: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """The SwiGLU gate ``silu(gate) * up``."""
-    return dispatch.call("swiglu", gate, up)
+    return dispatch.call("swiglu", gate, up, backend=backend)
 
 
-def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+def gelu(x: Tensor, approximate: str = "none", *, backend: Optional[str] = None) -> Tensor:
     """GELU; ``approximate="tanh"`` is SigLIP's ``gelu_pytorch_tanh``."""
-    return dispatch.call("gelu", x, approximate)
+    return dispatch.call("gelu", x, approximate, backend=backend)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """``x @ weight.T (+ bias)``; weight is ``[out, in]``. INT8 weights go to :func:`int8_linear`."""
-    return dispatch.call("linear", x, weight, bias)
+    return dispatch.call("linear", x, weight, bias, backend=backend)
 
 
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Rotary position embedding on q ``[B,Hq,T,D]`` and k ``[B,Hk,T,D]`` (half-split convention)."""
-    return dispatch.call("rope", q, k, cos, sin)
+    return dispatch.call("rope", q, k, cos, sin, backend=backend)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, doc_ids: Optional[Tensor] = None,
               key_valid: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-              scale: Optional[float] = None) -> Tensor:
+              scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
     """Softmax attention with GQA; see :func:`ghostvis.ops.reference.attention` for the contract."""
     return dispatch.call("attention", q, k, v, causal=causal, doc_ids=doc_ids, key_valid=key_valid,
-                         mask=mask, scale=scale)
+                         mask=mask, scale=scale, backend=backend)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
-                         reduction: str = "mean") -> Tensor:
+                         reduction: str = "mean", backend: Optional[str] = None) -> Tensor:
     """Cross-entropy of ``h @ weight.T``; see :func:`ghostvis.ops.reference.linear_cross_entropy`."""
     return dispatch.call("linear_cross_entropy", h, weight, targets, ignore_index=ignore_index,
-                         reduction=reduction)
+                         reduction=reduction, backend=backend)
 
 
-def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None, *,
+                backend: Optional[str] = None) -> Tensor:
     """Weight-only INT8 linear with per-output-channel ``scale``."""
-    return dispatch.call("int8_linear", x, weight_int8, scale, bias)
+    return dispatch.call("int8_linear", x, weight_int8, scale, bias, backend=backend)
 
 
 __all__ = ["rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention", "linear_cross_entropy",
-           "int8_linear", "use", "force", "backends", "dispatch", "reference"]
+           "int8_linear", "use", "force", "backends", "dispatch", "reference", "HAS_TRITON"]

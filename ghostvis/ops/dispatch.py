@@ -7,14 +7,20 @@ forced backend (``use(...)`` context manager, or ``force(...)``) wins, and a
 forced backend that cannot take the inputs raises instead of silently falling
 back. The first time an op runs with a given backend it is logged once on the
 ``ghostvis.ops`` logger, so a run's log says which path it actually took.
+
+A backend may also carry an ``auto`` predicate, stricter than ``supports``: it
+says when the backend is worth picking unasked. The Triton kernels use it: they
+*can* run CPU tensors (through Triton's interpreter) when forced, but are picked
+automatically on CPU only when ``TRITON_INTERPRET=1`` is set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -27,6 +33,11 @@ class Backend:
     fn: Callable
     supports: Callable[..., bool]
     priority: int
+    auto: Optional[Callable[..., bool]] = None
+
+    def picks(self, *args, **kwargs) -> bool:
+        """Whether the automatic choice may take this backend for these inputs."""
+        return self.supports(*args, **kwargs) and (self.auto is None or self.auto(*args, **kwargs))
 
 
 _REGISTRY: dict[str, list[Backend]] = {}
@@ -38,10 +49,20 @@ def _always(*args, **kwargs) -> bool:
     return True
 
 
-def register(op: str, name: str, fn: Callable, supports: Callable[..., bool] = _always, priority: int = 0) -> None:
-    """Register ``fn`` as backend ``name`` of ``op``; higher priority is tried first."""
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels may then be picked for CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def register(op: str, name: str, fn: Callable, supports: Callable[..., bool] = _always, priority: int = 0,
+             auto: Optional[Callable[..., bool]] = None) -> None:
+    """Register ``fn`` as backend ``name`` of ``op``; higher priority is tried first.
+
+    ``supports`` says whether it can run the inputs (checked for forced backends
+    too); ``auto`` (optional) additionally gates the automatic choice.
+    """
     backends = [b for b in _REGISTRY.get(op, []) if b.name != name]
-    backends.append(Backend(name, fn, supports, priority))
+    backends.append(Backend(name, fn, supports, priority, auto))
     _REGISTRY[op] = sorted(backends, key=lambda b: -b.priority)
 
 
@@ -50,10 +71,17 @@ def backends(op: str) -> list[str]:
     return [b.name for b in _REGISTRY[op]]
 
 
-def choose(op: str, *args, **kwargs) -> Backend:
-    """The backend ``call`` would use for these inputs."""
+def choose(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
+    """The backend ``call`` would use for these inputs; ``backend`` forces one for this call."""
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; known: {sorted(_REGISTRY)}")
+    if backend is not None:
+        for b in _REGISTRY[op]:
+            if b.name == backend:
+                if not b.supports(*args, **kwargs):
+                    raise RuntimeError(f"backend {backend!r} was asked for {op!r} but cannot run these inputs")
+                return b
+        raise KeyError(f"op {op!r} has no backend {backend!r}; it has {backends(op)}")
     forced = _FORCED.get(op) or _FORCED.get("*")
     if forced is not None:
         for b in _REGISTRY[op]:
@@ -64,14 +92,14 @@ def choose(op: str, *args, **kwargs) -> Backend:
         if op in _FORCED:  # a per-op force must name a real backend; a global one may skip ops lacking it
             raise KeyError(f"op {op!r} has no backend {forced!r}; it has {backends(op)}")
     for b in _REGISTRY[op]:
-        if b.supports(*args, **kwargs):
+        if b.picks(*args, **kwargs):
             return b
     raise RuntimeError(f"no backend of {op!r} supports these inputs")
 
 
-def call(op: str, *args, **kwargs):
-    """Run ``op`` on the chosen backend."""
-    b = choose(op, *args, **kwargs)
+def call(op: str, *args, backend: Optional[str] = None, **kwargs):
+    """Run ``op`` on the chosen backend (``backend`` forces one for this call)."""
+    b = choose(op, *args, backend=backend, **kwargs)
     if (op, b.name) not in _LOGGED and not torch.compiler.is_compiling():
         _LOGGED.add((op, b.name))
         log.info("op %s uses backend %s", op, b.name)

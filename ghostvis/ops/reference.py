@@ -169,17 +169,3 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Te
     """
     y = F.linear(x, weight_int8.to(x.dtype)) * scale.to(x.dtype)
     return y + bias if bias is not None else y
-
-
-def sdpa_attention(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=None, scale=None):
-    """torch SDPA (cuDNN/flash/efficient/math picked by torch) with GQA, no K/V repeat."""
-    tq, tk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if doc_ids is None and key_valid is None and mask is None and (not causal or tq == tk):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    allowed = attention_mask(tq, tk, causal=causal, doc_ids=doc_ids, key_valid=key_valid, mask=mask, device=q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
-    # rows with no allowed key come back as NaN from SDPA; make them zero like the reference
-    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-

@@ -1,0 +1,358 @@
+"""The Triton kernels as ``torch.library`` ops with autograd and fake (meta) impls.
+
+Each kernel is a ``torch.library.custom_op``: opaque to ``torch.compile`` (which
+traces through the fake impl, so ``fullgraph=True`` holds) and free to take any
+strides: the wrappers here turn shapes and strides into kernel arguments.
+
+The forward and backward kernels are separate custom ops (each with a fake
+impl); a ``torch.autograd.Function`` with ``setup_context`` joins them, which
+is the form ``torch.func`` transforms accept.
+
+The public functions (``rms_norm``, ``swiglu``, ``rope``, ``int8_linear``) take
+the same arguments as their references in :mod:`ghostvis.ops.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from . import kernels as K
+from .library import backward_only, differentiable
+
+Tensor = torch.Tensor
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as ``[rows, last_dim]`` with unit column stride (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _num_warps(elements: int) -> int:
+    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+
+
+# ----------------------------------------------------------------------------- rms_norm
+
+
+def _rms_blocks(d: int) -> tuple[int, int]:
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(64, 2048 // block_d))  # several short rows per program keep loads wide
+    return block_r, block_d
+
+
+@torch.library.custom_op("ghostvis::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """``(y, rstd)``: RMSNorm of ``x`` over the last dim and the per-row ``1/rms`` (float32)."""
+    d = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, rstd
+    x2 = _rows(x)
+    n = x2.shape[0]
+    block_r, block_d = _rms_blocks(d)
+    K.rms_norm_fwd.on(x)[(triton.cdiv(n, block_r),)](
+        x2, weight if weight is not None else x2, y.view(n, d), rstd, x2.stride(0), d, n, d, eps,
+        HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d))
+    return y, rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("ghostvis::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dx, dweight)`` of RMSNorm; ``dweight`` is empty when there is no weight."""
+    d = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        dw = torch.zeros_like(weight) if weight is not None else x.new_empty(0)
+        return dx, dw
+    x2, dy2 = _rows(x), _rows(dy)
+    n = x2.shape[0]
+    block_r, block_d = _rms_blocks(d)
+    programs = min(K.programs_for(x), triton.cdiv(n, block_r))
+    rows_per_program = triton.cdiv(triton.cdiv(n, programs), block_r) * block_r
+    programs = triton.cdiv(n, rows_per_program)
+    partial = torch.empty((programs, d) if weight is not None else (0,), dtype=torch.float32, device=x.device)
+    K.rms_norm_bwd.on(x)[(programs,)](
+        x2, weight if weight is not None else x2, dy2, rstd.reshape(-1), dx.view(n, d), partial,
+        x2.stride(0), dy2.stride(0), d, n, d, rows_per_program,
+        HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d))
+    dw = partial.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    return dx, dw
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd):
+    return torch.empty_like(x), (torch.empty_like(weight) if weight is not None else x.new_empty(0))
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.has_weight = weight is not None
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_backward(dy, x, weight, rstd)
+    return dx, (dw if ctx.has_weight else None), None
+
+
+rms_norm_backward = backward_only("rms_norm_backward", rms_norm_bwd)
+RMSNormFunction = differentiable("RMSNormFunction", rms_norm_fwd, _rms_setup, _rms_backward, non_differentiable=(1,))
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim (Triton forward and backward)."""
+    return RMSNormFunction.apply(x, weight, eps)[0]
+
+
+def rms_norm_ok(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> bool:
+    """Whether the Triton RMSNorm takes these inputs."""
+    return (x.dtype in FLOAT_DTYPES and x.dim() >= 1 and 0 < x.shape[-1] <= 65536
+            and (weight is None or (weight.shape == (x.shape[-1],) and weight.device == x.device
+                                    and weight.dtype in FLOAT_DTYPES)))
+
+
+# ----------------------------------------------------------------------------- swiglu
+
+
+def _elementwise_layout(*ts: Tensor) -> tuple[list[Tensor], int, int, int]:
+    """Views of same-shaped tensors as ``[rows, cols]``; contiguous inputs become one long row."""
+    if all(t.is_contiguous() for t in ts):
+        return [t.view(1, -1) for t in ts], 1, ts[0].numel(), 0
+    views = [_rows(t) for t in ts]
+    return views, views[0].shape[0], views[0].shape[1], 1
+
+
+def _swiglu_grid(rows: int, cols: int) -> tuple[int, int, int]:
+    block = min(2048, triton.next_power_of_2(cols))
+    blocks_per_row = triton.cdiv(cols, block)
+    return block, blocks_per_row, rows * blocks_per_row
+
+
+@torch.library.custom_op("ghostvis::swiglu_fwd", mutates_args=())
+def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` (Triton)."""
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if gate.numel() == 0:
+        return y
+    (g, u), rows, cols, has_rows = _elementwise_layout(gate, up)
+    y2 = y.view(rows, cols)
+    block, per_row, programs = _swiglu_grid(rows, cols)
+    K.swiglu_fwd.on(gate)[(programs,)](g, u, y2, cols, g.stride(0) * has_rows, u.stride(0) * has_rows,
+                                       y2.stride(0) * has_rows, per_row, BLOCK=block, num_warps=_num_warps(block))
+    return y
+
+
+@swiglu_fwd.register_fake
+def _(gate, up):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("ghostvis::swiglu_bwd", mutates_args=())
+def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dgate, dup)`` of ``silu(gate) * up``."""
+    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    if gate.numel() == 0:
+        return dg, du
+    (g, u, d), rows, cols, has_rows = _elementwise_layout(gate, up, dy)
+    block, per_row, programs = _swiglu_grid(rows, cols)
+    K.swiglu_bwd.on(gate)[(programs,)](g, u, d, dg.view(rows, cols), du.view(rows, cols), cols,
+                                       g.stride(0) * has_rows, u.stride(0) * has_rows, d.stride(0) * has_rows,
+                                       cols * has_rows, per_row, BLOCK=block, num_warps=_num_warps(block))
+    return dg, du
+
+
+@swiglu_bwd.register_fake
+def _(dy, gate, up):
+    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+            torch.empty_like(up, memory_format=torch.contiguous_format))
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return swiglu_backward(dy, gate, up)
+
+
+swiglu_backward = backward_only("swiglu_backward", swiglu_bwd)
+SwiGLUFunction = differentiable("SwiGLUFunction", swiglu_fwd, _swiglu_setup, _swiglu_backward)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` with a Triton forward and backward."""
+    return SwiGLUFunction.apply(gate, up)
+
+
+def swiglu_ok(gate: Tensor, up: Tensor) -> bool:
+    return gate.shape == up.shape and gate.dtype == up.dtype and gate.dtype in FLOAT_DTYPES and gate.dim() >= 1
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[Tensor, Tensor]:
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if q.numel() == 0 and k.numel() == 0:
+        return qo, ko
+    q, k = _unit_last(q), _unit_last(k)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    cos_b = 0 if cos.shape[0] == 1 else cos.stride(0)
+    half = d // 2
+    block_d = triton.next_power_of_2(half)
+    block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    K.rope_qk.on(q)[(b * t,)](
+        q, k, cos, sin, qo, ko, t, hq, hk,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+        cos_b, cos.stride(1),
+        HALF=half, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BACKWARD=backward,
+        num_warps=_num_warps((block_hq + block_hk) * block_d))
+    return qo, ko
+
+
+@torch.library.custom_op("ghostvis::rope_fwd", mutates_args=())
+def rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q and k in one launch (half-split convention)."""
+    return _rope_launch(q, k, cos, sin, backward=False)
+
+
+@torch.library.custom_op("ghostvis::rope_bwd", mutates_args=())
+def rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`rope_fwd`: the transposed rotation."""
+    return _rope_launch(dq, dk, cos, sin, backward=True)
+
+
+@rope_fwd.register_fake
+def _(q, k, cos, sin):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+
+
+@rope_bwd.register_fake
+def _(dq, dk, cos, sin):
+    return (torch.empty(dq.shape, dtype=dq.dtype, device=dq.device),
+            torch.empty(dk.shape, dtype=dk.dtype, device=dk.device))
+
+
+def _rope_setup(ctx, inputs, output):
+    q, k, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.q_meta = (q.shape, q.dtype, q.device)
+    ctx.k_meta = (k.shape, k.dtype, k.device)
+
+
+def _rope_backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    # an unused output (say only q feeds the loss) arrives as None
+    if dq is None:
+        dq = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=ctx.q_meta[2])
+    if dk is None:
+        dk = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=ctx.k_meta[2])
+    gq, gk = rope_backward(dq, dk, cos, sin)
+    return gq, gk, None, None
+
+
+rope_backward = backward_only("rope_backward", rope_bwd)
+RopeFunction = differentiable("RopeFunction", rope_fwd, _rope_setup, _rope_backward)
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding on q ``[B,Hq,T,D]`` and k ``[B,Hk,T,D]``; cos/sin ``[B|1,T,D]`` or ``[T,D]``.
+
+    cos and sin are constants here: no gradient flows into them.
+    """
+    return RopeFunction.apply(q, k, cos, sin)
+
+
+def rope_ok(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 2 or q.shape[-1] != k.shape[-1]:
+        return False
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.dtype not in FLOAT_DTYPES:
+        return False
+    cb = cos if cos.dim() == 3 else cos[None]
+    return (cos.shape == sin.shape and cb.dim() == 3 and cb.shape[1:] == (q.shape[2], q.shape[3])
+            and cb.shape[0] in (1, q.shape[0]))
+
+
+# ----------------------------------------------------------------------------- int8_linear
+
+
+def _int8_blocks(m: int) -> tuple[int, int, int]:
+    return (16, 64, 128) if m <= 16 else (64, 128, 64)
+
+
+@torch.library.custom_op("ghostvis::int8_linear", mutates_args=())
+def int8_linear_fwd(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x @ (weight_int8 * scale[:, None]).T + bias`` without dequantising the weight in memory."""
+    n, k = weight_int8.shape
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    y2 = y.view(m, n)
+    bm, bn, bk = _int8_blocks(m)
+    # the interpreter's bf16 dot is wrong, and float32 inputs want an exact (not tf32) dot
+    upcast = not x.is_cuda
+    precision = "ieee" if (upcast or x.dtype == torch.float32) else "tf32"
+    K.int8_matmul.on(x)[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        x2, weight_int8, scale, bias if bias is not None else scale, y2, m, n, k,
+        x2.stride(0), x2.stride(1), weight_int8.stride(0), weight_int8.stride(1), y2.stride(0), y2.stride(1),
+        HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return y
+
+
+@int8_linear_fwd.register_fake
+def _(x, weight_int8, scale, bias):
+    return x.new_empty((*x.shape[:-1], weight_int8.shape[0]))
+
+
+def _int8_setup(ctx, inputs, output):
+    x, w, scale, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(w, scale)
+
+
+def _int8_backward(ctx, dy):
+    # The weight is frozen (it is integer); only the activation and bias get gradients.
+    w, scale = ctx.saved_tensors
+    dx = (dy * scale.to(dy.dtype)) @ w.to(dy.dtype)
+    dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias else None
+    return dx, None, None, dbias
+
+
+Int8LinearFunction = differentiable("Int8LinearFunction", int8_linear_fwd, _int8_setup, _int8_backward)
+
+
+def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Weight-only INT8 linear (Triton forward); weight ``[out, in]`` int8, ``scale`` ``[out]``."""
+    return Int8LinearFunction.apply(x, weight_int8, scale, bias)
+
+
+def int8_linear_ok(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> bool:
+    return (weight_int8.dtype == torch.int8 and weight_int8.dim() == 2 and x.shape[-1] == weight_int8.shape[1]
+            and x.dtype in FLOAT_DTYPES and scale.shape == (weight_int8.shape[0],))

@@ -1,0 +1,301 @@
+"""Triton kernels for the memory-bound ops and the INT8 matmul, forward and backward.
+
+The kernels are plain functions turned into launchers by :class:`Kernel`: on a
+CUDA tensor they compile with Triton's JIT, on a CPU tensor they run in Triton's
+interpreter (slow, for tests). Building the interpreted form per call, instead of
+at import, means ``TRITON_INTERPRET`` need not be set before this module loads.
+
+They use plain pointer arithmetic only (no block pointers, no TMA descriptors)
+so the same source runs on triton 3.6 (GPU machine) and 3.9 (CPU interpreter).
+Every reduction accumulates in float32. The wrappers that own shapes, strides and
+autograd live in :mod:`ghostvis.ops.fused` and :mod:`ghostvis.ops.linear_ce`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+import triton.language.core as tl_core  # noqa: F401  (visible to the interpreter, which patches it too)
+from triton.runtime.interpreter import InterpretedFunction
+
+
+class _Interpreted:
+    """Runs a kernel in Triton's interpreter, whenever triton was imported.
+
+    With ``TRITON_INTERPRET`` unset at import, triton.language's own helpers
+    (``tl.sum``, ``tl.sigmoid``...) are compiled-only objects that refuse to be
+    called; for the length of one launch they are made to run their Python body.
+    """
+
+    def __init__(self, fn):
+        self.fn = InterpretedFunction(fn)
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+
+        def run(*args, **kwargs):
+            jit_cls = triton.runtime.jit.JITFunction
+            saved = jit_cls.__call__
+            jit_cls.__call__ = lambda self, *a, **k: self.fn(*a, **k)
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                jit_cls.__call__ = saved
+
+        return run
+
+
+class Kernel:
+    """A Triton kernel that compiles for CUDA tensors and interprets for CPU tensors."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._jit = None
+        self._interpreted = None
+
+    def on(self, t: torch.Tensor):
+        """The launcher for tensors living where ``t`` lives: ``KERNEL.on(x)[grid](...)``."""
+        if t.is_cuda:
+            if self._jit is None:
+                self._jit = triton.runtime.jit.JITFunction(self.fn)
+            return self._jit
+        if self._interpreted is None:
+            self._interpreted = _Interpreted(self.fn)
+        return self._interpreted
+
+
+def kernel(fn) -> Kernel:
+    return Kernel(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def programs_for(t: torch.Tensor) -> int:
+    """How many programs fill the device holding ``t``: a few per SM, or a handful when interpreting."""
+    if not t.is_cuda:
+        return 4
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _sm_count(index) * 4
+
+
+# ----------------------------------------------------------------------------- rms_norm
+
+
+@kernel
+def rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, D, eps,
+                 HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    mask = row_ok[:, None] & (cols[None, :] < D)
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    y = x * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@kernel
+def rms_norm_bwd(X, W, DY, RSTD, DX, DW_PARTIAL, stride_x, stride_dy, stride_dx, N, D, rows_per_program,
+                 HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Each program walks a contiguous range of rows and keeps its share of dW in
+    # registers; the partial sums are added up by the caller (one small [P, D] sum).
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first = pid * rows_per_program
+    for start in range(first, first + rows_per_program, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        row_ok = rows < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        x_hat = x * rstd[:, None]
+        if HAS_W:
+            wdy = dy * w[None, :]
+            dw += tl.sum(dy * x_hat, axis=0)
+        else:
+            wdy = dy
+        c = tl.sum(x_hat * wdy, axis=1) / D
+        dx = (wdy - x_hat * c[:, None]) * rstd[:, None]
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, dw, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------- swiglu
+# Tensors are seen as [rows, cols] with a row stride each and unit column stride;
+# a contiguous tensor is one long row, so the common case is a flat streaming loop.
+
+
+@kernel
+def swiglu_fwd(G, U, Y, n_cols, stride_g, stride_u, stride_y, blocks_per_row, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = (pid // blocks_per_row).to(tl.int64)
+    cols = (pid % blocks_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@kernel
+def swiglu_bwd(G, U, DY, DG, DU, n_cols, stride_g, stride_u, stride_dy, stride_out, blocks_per_row,
+               BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = (pid // blocks_per_row).to(tl.int64)
+    cols = (pid % blocks_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+    du = dy * silu
+    tl.store(DG + row * stride_out + cols, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * stride_out + cols, du.to(DU.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+@kernel
+def rope_qk(Q, K, COS, SIN, QO, KO, T, HQ, HK,
+            sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t, sc_b, sc_t,
+            HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+            BACKWARD: tl.constexpr):
+    # One program per (batch, position): it rotates every q head and every k head
+    # there, so cos/sin are read once per position. The backward pass is the
+    # transposed rotation (rotation by minus the angle).
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HALF
+    cs = b * sc_b + t * sc_t
+    c1 = tl.load(COS + cs + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(COS + cs + HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(SIN + cs + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(SIN + cs + HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+
+    hq = tl.arange(0, BLOCK_HQ).to(tl.int64)
+    mq = (hq[:, None] < HQ) & d_ok[None, :]
+    src = Q + b * sq_b + t * sq_t + hq[:, None] * sq_h + d[None, :]
+    x1 = tl.load(src, mask=mq, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mq, other=0.0).to(tl.float32)
+    if BACKWARD:
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
+    else:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    dst = QO + b * sqo_b + t * sqo_t + hq[:, None] * sqo_h + d[None, :]
+    tl.store(dst, o1.to(QO.dtype.element_ty), mask=mq)
+    tl.store(dst + HALF, o2.to(QO.dtype.element_ty), mask=mq)
+
+    hk = tl.arange(0, BLOCK_HK).to(tl.int64)
+    mk = (hk[:, None] < HK) & d_ok[None, :]
+    src = K + b * sk_b + t * sk_t + hk[:, None] * sk_h + d[None, :]
+    x1 = tl.load(src, mask=mk, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mk, other=0.0).to(tl.float32)
+    if BACKWARD:
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
+    else:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    dst = KO + b * sko_b + t * sko_t + hk[:, None] * sko_h + d[None, :]
+    tl.store(dst, o1.to(KO.dtype.element_ty), mask=mk)
+    tl.store(dst + HALF, o2.to(KO.dtype.element_ty), mask=mk)
+
+
+# ----------------------------------------------------------------------------- cross-entropy rows
+
+
+@kernel
+def cross_entropy_rows(LOGITS, stride_l, TARGETS, LOSS, LSE, SCALE, scale_stride, V, ignore_index,
+                       WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per token row of a logits chunk: an online log-sum-exp pass, then
+    # (for training) a second pass that overwrites the logits in place with
+    # d loss / d logits = (softmax - onehot) * scale, so the chunk buffer is reused.
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_l
+    target = tl.load(TARGETS + row).to(tl.int64)
+    ignored = target == ignore_index
+    safe_target = tl.where(ignored, 0, target)
+    offs = tl.arange(0, BLOCK)
+    m_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s_vec = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x)
+        # lanes that have seen only -inf subtract 0 instead, keeping their sum 0 (not NaN)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_vec = s_vec * tl.exp(m_vec - shift) + tl.exp(x - shift)
+        m_vec = m_new
+    m = tl.max(m_vec, axis=0)
+    s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
+    lse = m + tl.log(s)
+    x_target = tl.load(base + safe_target).to(tl.float32)
+    loss = tl.where(ignored, 0.0, lse - x_target)
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+    if WRITE_GRAD:
+        scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
+        scale = tl.where(ignored, 0.0, scale)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            ok = cols < V
+            x = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)
+            p = tl.exp(x - lse)
+            grad = (p - tl.where(cols == safe_target, 1.0, 0.0)) * scale
+            tl.store(base + cols, grad.to(LOGITS.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- int8 matmul
+
+
+@kernel
+def int8_matmul(X, W, SCALE, BIAS, Y, M, N, K, sx_m, sx_k, sw_n, sw_k, sy_m, sy_n,
+                HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y = (x @ w_int8.T) * scale + bias; the INT8 tile is widened in registers, so
+    # the weight crosses memory at one byte per element (what decode is bound by).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(X + rm[:, None] * sx_m + kk[None, :] * sx_k, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(W + rn[None, :] * sw_n + kk[:, None] * sw_k, mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+        if UPCAST:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+    scale = tl.load(SCALE + rn, mask=rn < N, other=0.0).to(tl.float32)
+    y = acc * scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rm[:, None] * sy_m + rn[None, :] * sy_n, y.to(Y.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
