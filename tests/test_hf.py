@@ -6,6 +6,7 @@ transposed matrix moves the outputs far beyond the 1e-4 tolerance.
 """
 
 import json
+import logging
 
 import pytest
 import torch
@@ -105,9 +106,25 @@ def assert_close(ours, theirs):
     assert diff <= TOL, f"max abs diff {diff}"
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def load_clean(cls, path):
-    model, info = cls.from_pretrained(path, output_loading_info=True)
+    """Load with transformers and require no missing/unexpected/mismatched keys and no warnings at all."""
+    records, hf_logger = _Records(), logging.getLogger("transformers")
+    hf_logger.addHandler(records)
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True)
+    finally:
+        hf_logger.removeHandler(records)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not records.messages, records.messages
     return model.eval()
 
 
@@ -147,7 +164,8 @@ def test_import_siglip_matches_hf(tmp_path):
 def to_transformers5_layout(key):
     """The key names transformers 5 uses in memory (``model.language_model.*`` etc.)."""
     for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
+                     ("vision_tower.", "model.vision_tower."),
+                     ("multi_modal_projector.", "model.multi_modal_projector.")):
         if key.startswith(old):
             return new + key[len(old):]
     return key
