@@ -46,7 +46,8 @@ def test_generation_prompt(tok):
 
 
 def test_images_expand_to_placeholders(tok):
-    msgs = [{"role": "user", "content": [{"type": "image"}, "Compare", {"type": "image"}, {"type": "text", "text": "?"}]},
+    parts = [{"type": "image"}, "Compare", {"type": "image"}, {"type": "text", "text": "?"}]
+    msgs = [{"role": "user", "content": parts},
             {"role": "assistant", "content": ["same"]}]
     ids, mask = render_chat(tok, msgs, num_image_tokens=5)
     assert ids.count(tok.image_id) == 10

@@ -1,4 +1,4 @@
-"""The byte-level BPE tokenizer: fixed special ids, hostile text never becomes special, exact round-trips, HF interop."""
+"""Byte-level BPE tokenizer: fixed special ids, hostile text never becomes special, exact round-trips, HF interop."""
 
 import json
 

@@ -112,7 +112,8 @@ class Tokenizer:
         """A ``transformers.PreTrainedTokenizerFast`` over the same ``tokenizer.json``.
 
         Sets bos/eos/pad tokens (eos is ``<|end|>``: generation stops at the end of a
-        turn), ``image_token``, the other specials as extra special tokens and, by default, :data:`ghostvis.train.chat.CHAT_TEMPLATE`.
+        turn), ``image_token``, the other specials as extra special tokens and, by default,
+        :data:`ghostvis.train.chat.CHAT_TEMPLATE`.
         """
         from transformers import PreTrainedTokenizerFast
 
