@@ -77,11 +77,12 @@ def embed(params: dict, cfg: ModelConfig, tokens: Tensor, images: Optional[Tenso
     Pass ``images`` (encoded here) or precomputed ``image_embeds`` from :func:`encode_images`.
     """
     x = params["text"]["embed"][tokens]
-    if images is not None and image_embeds is None:
-        image_embeds = encode_images(params, cfg, images)
-    n_images = 0 if image_embeds is None else image_embeds.shape[0]
+    source = image_embeds if image_embeds is not None else images
+    n_images = 0 if source is None else source.shape[0]
     if not torch.compiler.is_compiling():
         check_image_tokens(cfg, tokens, n_images)
+    if n_images and image_embeds is None:
+        image_embeds = encode_images(params, cfg, images)
     if n_images:
         x = merge_images(x, tokens, image_embeds, cfg.image_token_id)
     return x
