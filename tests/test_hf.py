@@ -149,6 +149,8 @@ def test_import_text_matches_hf(tmp_path, cls, make, shard):
     tokens = text_tokens()
     with torch.no_grad():
         assert_close(gv.forward(params, cfg, tokens), hf(input_ids=tokens).logits)
+    params16, _ = import_hf(tmp_path, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in gv.flatten(params16).values())
 
 
 def test_import_siglip_matches_hf(tmp_path):
@@ -380,3 +382,15 @@ def test_import_never_reads_pickles(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickles are never loaded"):
         import_hf(tmp_path)
+
+
+def test_transformers4_style_config_fields():
+    """transformers 4.x keeps rope_theta at the top level and has no rope_parameters."""
+    from ghostvis.core.hf import text_config_from_hf
+    d = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 2, "rope_theta": 1e6, "rope_scaling": None,
+         "torch_dtype": "bfloat16"}
+    t = text_config_from_hf(d)
+    assert (t.rope_theta, t.head_dim, t.n_kv_heads, t.max_seq_len) == (1e6, 32, 2, 2048)
+    with pytest.raises(ConfigError, match="rope_type"):
+        text_config_from_hf(d | {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6}})

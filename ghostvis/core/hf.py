@@ -153,9 +153,14 @@ def canonical_siglip_key(key: str) -> str:
     return key if key.startswith("vision_model.") else "vision_model." + key
 
 
+# Tensors in HF folders that carry nothing GhostVis models: SigLIP's pooling head (only used for
+# pooler_output) and buffers that old writers saved.
+_IGNORED_PREFIXES = ("vision_model.head.", "vision_tower.vision_model.head.")
+_IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
+
+
 def _ignorable(key: str) -> bool:
-    """Tensors in HF folders that carry nothing GhostVis models: SigLIP's pooling head, cached buffers."""
-    return (".head." in f".{key}" or key.endswith("position_ids") or key.endswith("rotary_emb.inv_freq"))
+    return key.startswith(_IGNORED_PREFIXES) or key.endswith(_IGNORED_SUFFIXES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,14 +250,14 @@ def llava_config_from_hf(d: dict) -> ModelConfig:
         _refuse(w, "vision_feature_select_strategy", strategy, "SigLIP has no CLS token, so only 'full' is "
                 "supported ('default' would drop a real patch)")
     layer = d.get("vision_feature_layer", -2)
-    vis = d.get("vision_config") or {}
+    vis = {"model_type": "clip_vision_model", **(d.get("vision_config") or {})}  # LlavaConfig's defaults
     n_vis_layers = vis.get("num_hidden_layers", 12)
     if not isinstance(layer, int) or not (1 <= layer <= n_vis_layers or -n_vis_layers <= layer <= -1):
         _refuse(w, "vision_feature_layer", layer, f"must be one block index in [1, {n_vis_layers}] or "
                 f"[-{n_vis_layers}, -1] (lists and the embedding output are not supported)")
     if d.get("projector_hidden_act", "gelu") != "gelu":
         _refuse(w, "projector_hidden_act", d["projector_hidden_act"], "the mlp connector uses exact 'gelu'")
-    text_d = dict(d.get("text_config") or {})
+    text_d = {"model_type": "llama", **(d.get("text_config") or {})}
     if d.get("tie_word_embeddings"):
         text_d["tie_word_embeddings"] = True
     text = text_config_from_hf(text_d, "config.text_config")
@@ -369,12 +374,12 @@ def import_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> t
     if not projector_bias:  # a bias-free projector is the mlp connector with zero biases
         flat |= {"connector.b1": flat["connector.w1"].new_zeros(cfg.text.dim),
                  "connector.b2": flat["connector.w2"].new_zeros(cfg.text.dim)}
+    if dtype is not None:
+        flat = {k: v.to(dtype) if v.is_floating_point() else v for k, v in flat.items()}
     if isinstance(cfg, VisionConfig):
         _check_vision(flat, cfg, path)
     else:
         check_tree(flat, cfg, str(path))
-    if dtype is not None:
-        flat = {k: v.to(dtype) if v.is_floating_point() else v for k, v in flat.items()}
     return unflatten(flat), cfg
 
 
@@ -439,11 +444,10 @@ def hf_config(cfg: AnyConfig, dtype: torch.dtype = torch.float32) -> dict:
         raise ConfigError(f"ModelConfig.connector.kind={cfg.connector.kind!r}: HF/vLLM export supports only the "
                           "'mlp' connector (LlavaForConditionalGeneration); pixel_shuffle and perceiver have no "
                           "HF class")
-    text = text_config_to_hf(cfg.text)
-    text.pop("architectures")  # LLaVA builds the bare decoder from model_type
     return {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "text_config": text, "vision_config": vision_config_to_hf(cfg.vision),
+        # text_config keeps its `architectures`: vLLM builds the inner decoder from it
+        "text_config": text_config_to_hf(cfg.text), "vision_config": vision_config_to_hf(cfg.vision),
         "image_token_index": cfg.image_token_id, "image_seq_length": cfg.num_image_tokens,
         "vision_feature_layer": cfg.vision.feature_layer, "vision_feature_select_strategy": "full",
         "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
