@@ -32,6 +32,6 @@ from .core import (
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "presets", "init", "forward", "hidden_states", "encode_images", "save", "load", "count_params",
+__all__ = ["ops", "presets", "init", "forward", "hidden_states", "encode_images", "save", "load", "import_hf", "export_hf_weights", "count_params",
            "flops_per_token", "flatten", "unflatten", "tree_map", "ModelConfig", "TextConfig", "VisionConfig",
            "ConnectorConfig", "ConfigError", "CheckpointError", "ImageTokenMismatch"]
