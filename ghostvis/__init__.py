@@ -5,33 +5,18 @@
     params = gv.init(cfg, seed=0)
     logits = gv.forward(params, cfg, tokens, images=None)
     gv.save("ckpt.safetensors", params, cfg); params, cfg = gv.load("ckpt.safetensors")
+    params, cfg = gv.import_hf("some_hf_dir/")
 """
 
 from . import ops
-from .core import (
-                   CheckpointError,
-                   ConfigError,
-                   ConnectorConfig,
-                   ImageTokenMismatch,
-                   ModelConfig,
-                   TextConfig,
-                   VisionConfig,
-                   count_params,
-                   encode_images,
-                   flatten,
-                   flops_per_token,
-                   forward,
-                   hidden_states,
-                   init,
-                   load,
-                   presets,
-                   save,
-                   tree_map,
-                   unflatten,
-)
+from .core import (CheckpointError, ConfigError, ConnectorConfig, ImageTokenMismatch, ModelConfig, TextConfig,
+                   VisionConfig, count_params, encode_images, export_hf_weights, flatten, flops_per_token, forward,
+                   hidden_states, import_hf, init, load, presets, save, tree_map, unflatten)
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "presets", "init", "forward", "hidden_states", "encode_images", "save", "load", "import_hf", "export_hf_weights", "count_params",
-           "flops_per_token", "flatten", "unflatten", "tree_map", "ModelConfig", "TextConfig", "VisionConfig",
-           "ConnectorConfig", "ConfigError", "CheckpointError", "ImageTokenMismatch"]
+__all__ = [
+    "ops", "presets", "init", "forward", "hidden_states", "encode_images", "save", "load", "import_hf",
+    "export_hf_weights", "count_params", "flops_per_token", "flatten", "unflatten", "tree_map", "ModelConfig",
+    "TextConfig", "VisionConfig", "ConnectorConfig", "ConfigError", "CheckpointError", "ImageTokenMismatch",
+]
