@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from . import attention as _attention
+from . import attention_backends as _attention
 from . import dispatch, reference
 from .dispatch import backends, force, use
 

@@ -108,12 +108,12 @@ def _rms_backward(ctx, dy, _drstd):
 
 
 rms_norm_backward = backward_only("rms_norm_backward", rms_norm_bwd)
-RMSNormFunction = differentiable("RMSNormFunction", rms_norm_fwd, _rms_setup, _rms_backward, non_differentiable=(1,))
+rms_norm_function = differentiable("RMSNormFunction", rms_norm_fwd, _rms_setup, _rms_backward, non_differentiable=(1,))
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last dim (Triton forward and backward)."""
-    return RMSNormFunction.apply(x, weight, eps)[0]
+    return rms_norm_function(x, weight, eps)[0]
 
 
 def rms_norm_ok(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> bool:
@@ -190,12 +190,12 @@ def _swiglu_backward(ctx, dy):
 
 
 swiglu_backward = backward_only("swiglu_backward", swiglu_bwd)
-SwiGLUFunction = differentiable("SwiGLUFunction", swiglu_fwd, _swiglu_setup, _swiglu_backward)
+swiglu_function = differentiable("SwiGLUFunction", swiglu_fwd, _swiglu_setup, _swiglu_backward)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` with a Triton forward and backward."""
-    return SwiGLUFunction.apply(gate, up)
+    return swiglu_function(gate, up)
 
 
 def swiglu_ok(gate: Tensor, up: Tensor) -> bool:
@@ -276,7 +276,7 @@ def _rope_backward(ctx, dq, dk):
 
 
 rope_backward = backward_only("rope_backward", rope_bwd)
-RopeFunction = differentiable("RopeFunction", rope_fwd, _rope_setup, _rope_backward)
+rope_function = differentiable("RopeFunction", rope_fwd, _rope_setup, _rope_backward)
 
 
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -284,7 +284,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
 
     cos and sin are constants here: no gradient flows into them.
     """
-    return RopeFunction.apply(q, k, cos, sin)
+    return rope_function(q, k, cos, sin)
 
 
 def rope_ok(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
@@ -345,12 +345,12 @@ def _int8_backward(ctx, dy):
     return dx, None, None, dbias
 
 
-Int8LinearFunction = differentiable("Int8LinearFunction", int8_linear_fwd, _int8_setup, _int8_backward)
+int8_linear_function = differentiable("Int8LinearFunction", int8_linear_fwd, _int8_setup, _int8_backward)
 
 
 def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Weight-only INT8 linear (Triton forward); weight ``[out, in]`` int8, ``scale`` ``[out]``."""
-    return Int8LinearFunction.apply(x, weight_int8, scale, bias)
+    return int8_linear_function(x, weight_int8, scale, bias)
 
 
 def int8_linear_ok(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> bool:

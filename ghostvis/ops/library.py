@@ -19,7 +19,7 @@ def _overload(op):
 
 
 def differentiable(name: str, forward, setup_context, backward, non_differentiable=()):
-    """An autograd.Function (functorch-ready: separate ``setup_context``) over custom ops.
+    """A callable applying an autograd.Function (functorch-ready: separate ``setup_context``) over custom ops.
 
     ``non_differentiable`` lists output indices that are auxiliary (saved stats).
     """
@@ -33,8 +33,17 @@ def differentiable(name: str, forward, setup_context, backward, non_differentiab
             ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
         setup_context(ctx, inputs, output)
 
-    return type(name, (torch.autograd.Function,), {
+    function = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(fwd), "setup_context": staticmethod(setup), "backward": staticmethod(backward)})
+
+    def call(*args):
+        # with nothing to differentiate, skip the Function (and its saved tensors) altogether
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return function.apply(*args)
+        return forward(*args)
+
+    call.function = function
+    return call
 
 
 def backward_only(name: str, op):

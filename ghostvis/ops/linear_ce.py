@@ -130,7 +130,7 @@ def _fused_backward(ctx, dloss, _dgh, _dgw):
     return grad_h * dloss.to(grad_h.dtype), grad_w * dloss.to(grad_w.dtype), None, None, None, None
 
 
-FusedLossFunction = differentiable("FusedLossFunction", linear_ce_fused, _fused_setup, _fused_backward,
+fused_loss_function = differentiable("FusedLossFunction", linear_ce_fused, _fused_setup, _fused_backward,
                                    non_differentiable=(1, 2))
 
 
@@ -187,7 +187,7 @@ def _fwd_backward(ctx, dlosses, _dlse):
 
 
 per_token_loss_backward = backward_only("per_token_loss_backward", linear_ce_bwd)
-PerTokenLossFunction = differentiable("PerTokenLossFunction", linear_ce_fwd, _fwd_setup, _fwd_backward,
+per_token_loss_function = differentiable("PerTokenLossFunction", linear_ce_fwd, _fwd_setup, _fwd_backward,
                                       non_differentiable=(1,))
 
 
@@ -209,8 +209,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, *, ignore_i
         h = h.contiguous()
     wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     if reduction != "none" and wants_grad:
-        return FusedLossFunction.apply(h, weight, targets, ignore_index, reduction, impl)[0]
-    losses = PerTokenLossFunction.apply(h, weight, targets, ignore_index, impl)[0]
+        return fused_loss_function(h, weight, targets, ignore_index, reduction, impl)[0]
+    losses = per_token_loss_function(h, weight, targets, ignore_index, impl)[0]
     if reduction == "none":
         return losses.reshape(lead)
     if reduction == "sum":

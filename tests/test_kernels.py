@@ -1,0 +1,361 @@
+"""The Triton kernels against float64 oracles, and their composition with torch transforms.
+
+On CPU the kernels run in Triton's interpreter (fp32/fp16, tiny shapes); on a
+GPU the same property tests run in fp32/fp16/bf16 with the real compiler (the
+``gpu``-marked parameters). Every comparison is ``|fast - oracle| / |oracle|``
+against a float64 oracle written out here, at a tolerance per dtype.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ghostvis.ops as ops
+from ghostvis.ops import dispatch
+from ghostvis.ops import linear_ce as lce
+
+pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton")
+
+GPU = pytest.mark.gpu
+CASES = [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, id="cpu-fp16"),
+    pytest.param("cuda", torch.float32, id="cuda-fp32", marks=GPU),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=GPU),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=GPU),
+]
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_on(monkeypatch):
+    # the env var only gates the automatic choice; kernels interpret CPU tensors regardless
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values in the fast result"
+    # a floor keeps exact-zero oracles (e.g. RMSNorm's dx at dim 1) from dividing by ~0
+    return ((a - b).norm() / b.norm().clamp(min=1e-3 * b.numel() ** 0.5)).item()
+
+
+def make(shape, device, dtype, *, strided=False, seed=0, scale=1.0):
+    """A random tensor; ``strided`` gives one whose rows are not packed (a slice of a wider one)."""
+    g = torch.Generator().manual_seed(seed)
+    if strided:
+        wide = torch.randn(*shape[:-1], shape[-1] + 5, generator=g) * scale
+        return wide[..., 2:2 + shape[-1]].to(device=device, dtype=dtype)
+    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+
+def grads64(fn, inputs, grad_out):
+    """Outputs and input gradients of ``fn`` evaluated in float64 on CPU."""
+    xs = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    out = fn(*xs)
+    outs = out if isinstance(out, tuple) else (out,)
+    gs = grad_out if isinstance(grad_out, tuple) else (grad_out,)
+    grads = torch.autograd.grad(outs, xs, [g.double().cpu() for g in gs])
+    return out, grads
+
+
+def fast_grads(fn, inputs, grad_out):
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*xs)
+    outs = out if isinstance(out, tuple) else (out,)
+    gs = grad_out if isinstance(grad_out, tuple) else (grad_out,)
+    return out, torch.autograd.grad(outs, xs, gs)
+
+
+def skip_without(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+# ----------------------------------------------------------------------------- oracles (float64)
+
+
+def rms_norm64(x, w=None, eps=1e-6):
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * w if w is not None else y
+
+
+def swiglu64(g, u):
+    return g * torch.sigmoid(g) * u
+
+
+def rope64(q, k, cos, sin):
+    def rot(x):
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat((-x2, x1), -1)
+    c, s = cos[:, None], sin[:, None]
+    return q * c + rot(q) * s, k * c + rot(k) * s
+
+
+def lce64(h, w, t, ignore_index=-100, reduction="mean"):
+    logits = h @ w.T
+    losses = torch.nn.functional.cross_entropy(logits, t, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (t != ignore_index).sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- rms_norm
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@given(rows=st.integers(1, 9), dim=st.sampled_from([1, 7, 32, 100, 257, 1000]),
+       has_weight=st.booleans(), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_rms_norm_matches_float64(device, dtype, rows, dim, has_weight, strided, seed):
+    skip_without(device)
+    x = make((rows, dim), device, dtype, strided=strided, seed=seed)
+    inputs = [x] + ([make((dim,), device, dtype, seed=seed + 1)] if has_weight else [])
+    dy = make((rows, dim), device, dtype, seed=seed + 2)
+    y, grads = fast_grads(lambda *a: ops.rms_norm(*a, backend="triton"), inputs, dy)
+    y64, grads64_ = grads64(rms_norm64, inputs, dy)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert rel_err(y, y64) < TOL[dtype]
+    for g, g64 in zip(grads, grads64_):
+        assert rel_err(g, g64) < GRAD_TOL[dtype] * (4 if g.dim() == 1 and dtype != torch.float32 else 1)
+
+
+@pytest.mark.parametrize("device,dtype", CASES[:1] + CASES[2:])
+def test_rms_norm_large_hidden_and_3d(device, dtype):
+    skip_without(device)
+    x = make((2, 3, 4096), device, dtype).transpose(0, 1)  # non-contiguous leading dims
+    w = make((4096,), device, dtype, seed=3)
+    y = ops.rms_norm(x, w, backend="triton")
+    assert rel_err(y, rms_norm64(x.double().cpu(), w.double().cpu())) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- swiglu
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@given(rows=st.integers(1, 6), cols=st.sampled_from([1, 5, 64, 129, 700]), fused_input=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_swiglu_matches_float64(device, dtype, rows, cols, fused_input, seed):
+    skip_without(device)
+    if fused_input:  # gate and up as the two halves of one projection: strided views
+        both = make((rows, 2 * cols), device, dtype, seed=seed, scale=3.0)
+        gate, up = both[:, :cols], both[:, cols:]
+    else:
+        gate, up = make((rows, cols), device, dtype, seed=seed, scale=3.0), make((rows, cols), device, dtype, seed=seed + 1)
+    dy = make((rows, cols), device, dtype, seed=seed + 2)
+    y, grads = fast_grads(lambda g, u: ops.swiglu(g, u, backend="triton"), [gate, up], dy)
+    y64, g64 = grads64(swiglu64, [gate, up], dy)
+    assert rel_err(y, y64) < TOL[dtype]
+    for a, b in zip(grads, g64):
+        assert rel_err(a, b) < GRAD_TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@given(b=st.integers(1, 2), hk=st.integers(1, 3), group=st.sampled_from([1, 2, 3]), t=st.integers(1, 5),
+       d=st.sampled_from([2, 6, 16, 40]), bhtd_layout=st.booleans(), shared_tables=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_rope_matches_float64(device, dtype, b, hk, group, t, d, bhtd_layout, shared_tables, seed):
+    skip_without(device)
+    hq = hk * group
+    if bhtd_layout:
+        q, k = make((b, hq, t, d), device, dtype, seed=seed), make((b, hk, t, d), device, dtype, seed=seed + 1)
+    else:  # [B, T, H, D] projections viewed as [B, H, T, D]: the decoder's layout
+        q = make((b, t, hq, d), device, dtype, seed=seed).transpose(1, 2)
+        k = make((b, t, hk, d), device, dtype, seed=seed + 1).transpose(1, 2)
+    pos = torch.arange(t, dtype=torch.float64)[None].expand(1 if shared_tables else b, t) + seed % 7
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.cat([pos[..., None] * inv] * 2, -1)
+    cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
+    dq, dk = make(q.shape, device, dtype, seed=seed + 2), make(k.shape, device, dtype, seed=seed + 3)
+    (qo, ko), (gq, gk) = fast_grads(lambda a, c: ops.rope(a, c, cos, sin, backend="triton"), [q, k], (dq, dk))
+    (q64, k64), (gq64, gk64) = grads64(lambda a, c: rope64(a, c, cos.double().cpu(), sin.double().cpu()),
+                                       [q, k], (dq, dk))
+    for a, ref in ((qo, q64), (ko, k64)):
+        assert rel_err(a, ref) < TOL[dtype]
+    for a, ref in ((gq, gq64), (gk, gk64)):
+        assert rel_err(a, ref) < GRAD_TOL[dtype]
+
+
+def test_rope_only_q_used_gives_k_zero_grad():
+    q, k = torch.randn(1, 2, 3, 8, requires_grad=True), torch.randn(1, 1, 3, 8, requires_grad=True)
+    cos, sin = torch.randn(3, 8), torch.randn(3, 8)
+    qo, _ = ops.rope(q, k, cos, sin, backend="triton")
+    gq, gk = torch.autograd.grad(qo.sum(), (q, k), allow_unused=True)
+    assert gk is None or torch.count_nonzero(gk) == 0
+    ref = torch.autograd.grad(ops.reference.rope(q, k, cos, sin)[0].sum(), q)[0]
+    assert rel_err(gq, ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------- linear cross-entropy
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # several chunks even at test sizes, so the chunk loop and the dW accumulation are exercised
+    monkeypatch.setattr(lce, "CHUNK_ELEMENTS", 96)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@given(n=st.integers(1, 11), d=st.sampled_from([3, 16, 33]), v=st.sampled_from([2, 17, 130, 1100]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), ignored=st.sampled_from(["none", "some", "all"]),
+       seed=st.integers(0, 2**16))
+def test_linear_cross_entropy_matches_float64(small_chunks, device, dtype, n, d, v, reduction, ignored, seed):
+    skip_without(device)
+    h = make((n, d), device, dtype, seed=seed)
+    w = make((v, d), device, dtype, seed=seed + 1, scale=0.5)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, v, (n,), generator=g)
+    if ignored == "some":
+        t[torch.rand(n, generator=g) < 0.4] = -100
+    elif ignored == "all":
+        t[:] = -100
+    t = t.to(device)
+    out_shape = (n,) if reduction == "none" else ()
+    dl = make(out_shape, device, torch.float32, seed=seed + 2) if out_shape else torch.tensor(0.7, device=device)
+    fast = lambda a, b: ops.linear_cross_entropy(a, b, t, reduction=reduction, backend="triton")  # noqa: E731
+    loss, (gh, gw) = fast_grads(fast, [h, w], dl)
+    loss64, (gh64, gw64) = grads64(lambda a, b: lce64(a, b, t.cpu(), reduction=reduction), [h, w], dl)
+    assert loss.dtype == torch.float32 and loss.shape == out_shape
+    if ignored == "all":
+        assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
+        return
+    assert rel_err(loss, loss64) < TOL[dtype] * 2
+    assert rel_err(gh, gh64) < GRAD_TOL[dtype]
+    assert rel_err(gw, gw64) < GRAD_TOL[dtype]
+
+
+def test_linear_cross_entropy_no_grad_paths_match(small_chunks):
+    h, w = torch.randn(7, 8), torch.randn(40, 8)
+    t = torch.tensor([1, -100, 3, 39, 0, -100, 5])
+    for reduction in ("mean", "sum", "none"):
+        with torch.no_grad():
+            fast = ops.linear_cross_entropy(h, w, t, reduction=reduction, backend="triton")
+            torch_rows = ops.linear_cross_entropy(h, w, t, reduction=reduction, backend="chunked")
+        ref = ops.reference.linear_cross_entropy(h, w, t, reduction=reduction)
+        assert rel_err(fast, ref) < 1e-5 and rel_err(torch_rows, ref) < 1e-5
+
+
+def test_chunk_rows_bounds_the_logits():
+    assert lce.chunk_rows(16384, 65536) * 65536 <= lce.CHUNK_ELEMENTS
+    assert lce.chunk_rows(3, 10) == 3 and lce.chunk_rows(5, 10**12) == 1
+
+
+# ----------------------------------------------------------------------------- int8_linear
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@given(m=st.sampled_from([1, 3, 17, 70]), k=st.sampled_from([8, 40, 200]), n=st.sampled_from([1, 30, 130]),
+       has_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_int8_linear_matches_float64(device, dtype, m, k, n, has_bias, seed):
+    skip_without(device)
+    g = torch.Generator().manual_seed(seed)
+    x = make((m, k), device, dtype, seed=seed)
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device)
+    scale = (torch.rand(n, generator=g) * 0.02 + 1e-3).to(device)
+    bias = make((n,), device, dtype, seed=seed + 1) if has_bias else None
+    y = ops.int8_linear(x, wq, scale, bias, backend="triton")
+    ref = x.double().cpu() @ (wq.double().cpu() * scale.double().cpu()[:, None]).T
+    if bias is not None:
+        ref = ref + bias.double().cpu()
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, ref) < TOL[dtype] * (4 if dtype == torch.float32 and device == "cuda" else 1)
+
+
+def test_int8_linear_grad_flows_to_activations():
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    wq = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    scale = torch.rand(8) * 0.1
+    gx = torch.autograd.grad(ops.int8_linear(x, wq, scale, backend="triton").sum(), x)[0]
+    gref = torch.autograd.grad(ops.reference.int8_linear(x, wq, scale).sum(), x)[0]
+    assert rel_err(gx, gref) < 1e-5
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+def _model_loss(x, w_norm, w_head, t, cos, sin):
+    """A tiny stand-in for a block: every Triton op in one differentiable function."""
+    h = ops.rms_norm(x, w_norm)
+    gate, up = h[..., :8], h[..., 8:]
+    a = ops.swiglu(gate, up)  # [B, T, 8]
+    q = a.reshape(a.shape[0], a.shape[1], 2, 4).transpose(1, 2)
+    q, k = ops.rope(q, q[:, :1], cos, sin)
+    z = torch.cat([q.transpose(1, 2).reshape(a.shape), k.transpose(1, 2).reshape(a.shape[0], a.shape[1], 4)], -1)
+    return ops.linear_cross_entropy(z.reshape(-1, 12), w_head, t)
+
+
+def _composition_inputs(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, generator=g).to(device)
+    w_norm = (1 + 0.1 * torch.randn(16, generator=g)).to(device)
+    w_head = torch.randn(11, 12, generator=g).to(device)
+    t = torch.tensor([1, 2, -100, 4, 5, 10]).to(device)
+    ang = torch.arange(3.0)[:, None] * torch.tensor([1.0, 0.5])
+    ang = torch.cat([ang, ang], -1).to(device)
+    return x, w_norm, w_head, t, ang.cos(), ang.sin()
+
+
+def _reference_grads(inputs):
+    with ops.use(all="reference"):
+        return torch.func.grad(_model_loss, argnums=(0, 1, 2))(*inputs)
+
+
+def test_dispatch_picks_triton_under_interpreter():
+    x = torch.randn(2, 4)
+    assert dispatch.choose("rms_norm", x, None, 1e-6).name == "triton"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_func_grad_composes(device):
+    skip_without(device)
+    inputs = _composition_inputs(device)
+    with ops.use(rms_norm="triton", swiglu="triton", rope="triton", linear_cross_entropy="triton"):
+        grads = torch.func.grad(_model_loss, argnums=(0, 1, 2))(*inputs)
+    for g, r in zip(grads, _reference_grads(inputs)):
+        assert rel_err(g, r) < 1e-4
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_checkpoint_composes(device):
+    skip_without(device)
+    inputs = list(_composition_inputs(device))
+    leaves = [t.clone().requires_grad_() for t in inputs[:3]]
+    with ops.use(rms_norm="triton", swiglu="triton", rope="triton", linear_cross_entropy="triton"):
+        loss = torch.utils.checkpoint.checkpoint(_model_loss, *leaves, *inputs[3:], use_reentrant=False)
+        loss.backward()
+    for leaf, r in zip(leaves, _reference_grads(inputs)):
+        assert rel_err(leaf.grad, r) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_compile_fullgraph_composes(device):
+    skip_without(device)
+    torch._dynamo.reset()
+    inputs = list(_composition_inputs(device))
+    leaves = [t.clone().requires_grad_() for t in inputs[:3]]
+    backend = "inductor" if device == "cuda" else "aot_eager"  # no C++ toolchain needed on CPU
+    compiled = torch.compile(_model_loss, fullgraph=True, backend=backend)
+    with ops.use(rms_norm="triton", swiglu="triton", rope="triton", linear_cross_entropy="triton"):
+        loss = compiled(*leaves, *inputs[3:])
+        loss.backward()
+    for leaf, r in zip(leaves, _reference_grads(inputs)):
+        assert rel_err(leaf.grad, r) < 1e-4
+    x = torch.randn(3, 16, device=device)
+    wq = torch.randint(-127, 128, (5, 16), dtype=torch.int8, device=device)
+    scale = torch.rand(5, device=device)
+    y = torch.compile(lambda a: ops.int8_linear(a, wq, scale, backend="triton"), fullgraph=True, backend=backend)(x)
+    assert rel_err(y, ops.reference.int8_linear(x, wq, scale)) < 1e-4
+
+
+@pytest.mark.gpu
+def test_bf16_model_ops_on_gpu_use_triton_automatically():
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    assert dispatch.choose("rms_norm", x, None, 1e-6).name == "triton"
+    assert dispatch.choose("swiglu", x, x).name == "triton"
