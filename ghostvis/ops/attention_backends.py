@@ -57,7 +57,7 @@ def _flex():
     """``(flex_attention compiled, create_block_mask)``; compiled once, lazily."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    return torch.compile(flex_attention, dynamic=False), create_block_mask
+    return torch.compile(flex_attention), create_block_mask
 
 
 _BLOCK_MASKS: dict = {}
