@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
 
-HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -x tests/test_kernels.py tests/test_ops.py -p no:cacheprovider \
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q tests/test_kernels.py tests/test_ops.py -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" --durations=15 2>&1 | tee "$OUT/tests.log"
 test_rc=${PIPESTATUS[0]}
 
