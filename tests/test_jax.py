@@ -234,3 +234,17 @@ def test_grad_matches_torch_func():
         assert g.abs().max() > 0, f"{name}: no gradient reaches it, so the comparison proves nothing"
         err = np.abs(np.asarray(grads[name]) - g.numpy()).max()
         assert err <= TOL, f"{name}: max |jax grad - torch grad| = {err:.2e}"
+
+
+def test_jax_loss_equals_the_training_loss():
+    """jm.loss is the quantity ghostvis.train.loss.loss_fn trains on (mean over supervised tokens)."""
+    loss_fn = pytest.importorskip("ghostvis.train.loss").loss_fn
+    cfg = gv.presets.get("tiny")
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, n_layers=2))  # the compile test_text_logits_match made
+    params = randomized(cfg)
+    tokens, targets, positions, doc_ids, images = packed_batch(cfg)
+    ref = loss_fn(params, {"tokens": tokens, "targets": targets, "positions": positions, "doc_ids": doc_ids,
+                           "images": None}, cfg)
+    jt, jtg, jp, jd = as_jax(tokens, targets, positions, doc_ids)
+    value = jm.cross_entropy(jit_forward(to_jax(params), cfg, jt, None, positions=jp, doc_ids=jd), jtg)
+    assert abs(float(value) - float(ref)) <= TOL
