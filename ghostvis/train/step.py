@@ -1,0 +1,205 @@
+"""The train step, built by composing function transforms over the pure loss.
+
+    trainable, frozen = partition(params, "connector,text.layers.3")
+    step = make_train_step(cfg, optimizer, frozen, grad_clip=1.0, remat=True)
+    trainable, opt_state, result = step(trainable, opt_state, micro_batches, step_index)
+
+The pieces, each a function of a function:
+
+* :func:`value_and_grad` -- ``torch.func.grad_and_value`` of the loss with respect
+  to the *trainable* flat dict only; the frozen flat dict is closed over, so it is
+  never differentiated and never changes (bit-identical after training).
+* :func:`remat` -- activation checkpointing per decoder block, plugged in through
+  ``decoder.decode_hidden``'s ``block_fn`` hook. ``torch.utils.checkpoint`` relies on
+  saved-tensor hooks, which ``torch.func`` does not support, so the block runs as a
+  custom autograd function that keeps only its inputs and recomputes itself (with
+  ``torch.func.vjp``) in the backward.
+* :func:`compile` -- ``torch.compile`` of the gradient function.
+* :func:`accumulate` -- sums gradients over micro-batches. Each micro-batch's summed
+  token loss is divided by the token count of the whole global batch, so k
+  micro-batches give exactly the gradient of one big batch (up to float rounding).
+
+A step whose loss or gradient norm is NaN/Inf leaves params and optimizer state
+untouched and reports ``skipped=True``; the loop counts and stops on a streak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+from ..core import decoder
+from ..core.tree import flatten, merge, split, unflatten
+from .loss import loss_fn, supervised_tokens
+from .optim import clip_by_global_norm
+
+Tensor = torch.Tensor
+Flat = dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------- freezing
+
+
+def trainable_predicate(spec: str) -> Callable[[str], bool]:
+    """A name predicate from a comma-separated list of dotted prefixes (``"all"`` = everything).
+
+    ``"connector,text.layers.3"`` trains ``connector.*`` and ``text.layers.3.*``.
+    """
+    prefixes = [p.strip() for p in spec.split(",") if p.strip()]
+    if not prefixes:
+        raise ValueError(f"trainable spec {spec!r} names nothing; use 'all' or dotted prefixes like 'connector'")
+    if "all" in prefixes:
+        return lambda name: True
+    return lambda name: any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def partition(params: dict, spec: str) -> tuple[Flat, Flat]:
+    """``(trainable, frozen)`` flat dicts of ``params`` by a :func:`trainable_predicate` spec.
+
+    Every prefix must match some parameter, so a typo cannot silently freeze the whole model.
+    """
+    names = list(flatten(params))
+    for p in (p.strip() for p in spec.split(",") if p.strip()):
+        if p != "all" and not any(n == p or n.startswith(p + ".") for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"--train.trainable: {p!r} matches no parameter (top-level names: {tops})")
+    trainable, frozen = split(params, trainable_predicate(spec))
+    if not trainable:
+        raise ValueError(f"--train.trainable {spec!r} leaves nothing to train")
+    return trainable, frozen
+
+
+# --------------------------------------------------------------------------- remat
+
+
+class _Recompute(torch.autograd.Function):
+    """Runs ``fn(*args)`` without saving activations; the backward recomputes it under ``torch.func.vjp``."""
+
+    @staticmethod
+    def forward(fn, *args):
+        with torch.no_grad():
+            return fn(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fn = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _, vjp_fn = torch.func.vjp(ctx.fn, *ctx.saved_tensors)
+        return (None, *vjp_fn(grad_out))
+
+
+def remat(block_fn: Callable = decoder.block) -> Callable:
+    """A drop-in ``block_fn`` for ``decode_hidden`` that checkpoints each block (keeps only its input)."""
+
+    def checkpointed_block(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) -> Tensor:
+        names, leaves = zip(*flatten(lp).items())
+
+        def run(x, *leaves):
+            return block_fn(unflatten(dict(zip(names, leaves))), cfg, x, cos, sin, **kw)
+
+        return _Recompute.apply(run, x, *leaves)
+
+    return checkpointed_block
+
+
+# --------------------------------------------------------------------------- grad, compile, accumulate
+
+
+def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, select: bool = True,
+                   autocast: Optional[torch.dtype] = None) -> Callable:
+    """``fn(trainable, batch, normalizer) -> (grads, loss)``: gradients w.r.t. ``trainable`` only.
+
+    ``frozen`` is closed over. ``autocast`` (e.g. ``torch.bfloat16``) runs the
+    forward under ``torch.autocast`` while params and grads stay in their dtype.
+    """
+    block_fn = remat() if remat_blocks else None
+
+    def loss_of_trainable(trainable: Flat, batch: dict, normalizer) -> Tensor:
+        params = merge(trainable, frozen)
+        if autocast is None:
+            return loss_fn(params, batch, cfg, normalizer=normalizer, block_fn=block_fn, select=select)
+        device_type = batch["tokens"].device.type
+        with torch.autocast(device_type, dtype=autocast):
+            return loss_fn(params, batch, cfg, normalizer=normalizer, block_fn=block_fn, select=select).float()
+
+    return torch.func.grad_and_value(loss_of_trainable)
+
+
+def compile(fn: Callable, **compile_kwargs) -> Callable:
+    """``torch.compile(fn)``: the compile transform (kwargs go to ``torch.compile``, e.g. ``backend=``)."""
+    return torch.compile(fn, **compile_kwargs)
+
+
+def accumulate(grad_fn: Callable, trainable: Flat, micro_batches: Sequence[dict],
+               normalizer: Tensor) -> tuple[Flat, Tensor]:
+    """Sum ``grad_fn`` over micro-batches: ``(sum of grads, sum of losses)``."""
+    total: Optional[Flat] = None
+    loss = torch.zeros((), dtype=torch.float32, device=normalizer.device)
+    for mb in micro_batches:
+        grads, value = grad_fn(trainable, mb, normalizer)
+        if total is None:
+            total = dict(grads)
+        else:
+            torch._foreach_add_(list(total.values()), [grads[k] for k in total])
+        loss = loss + value.detach().float()
+    if total is None:
+        raise ValueError("accumulate needs at least one micro-batch")
+    return total, loss
+
+
+# --------------------------------------------------------------------------- the step
+
+
+class Reducer(Protocol):
+    """Sums across data-parallel ranks (see :mod:`.distributed`); ``None`` means one process."""
+
+    def sum_(self, t: Tensor) -> Tensor: ...
+
+    def sum_grads_(self, grads: Flat) -> Flat: ...
+
+
+@dataclass
+class StepResult:
+    """What one step did. ``loss`` is the token-mean over the global batch; ``tokens`` its supervised count."""
+
+    loss: float
+    grad_norm: float
+    tokens: int
+    skipped: bool
+
+
+def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, remat_blocks: bool = False,
+                    compile_grad: bool = False, autocast: Optional[torch.dtype] = None,
+                    reducer: Optional[Reducer] = None, compile_kwargs: Optional[dict] = None) -> Callable:
+    """Compose grad (+ remat, + compile), accumulation, all-reduce, clipping and the optimizer update.
+
+    Returns ``train_step(trainable, opt_state, micro_batches, step) -> (trainable, opt_state, StepResult)``.
+    Params and optimizer state are updated in place (see :mod:`.optim`); a step with a
+    non-finite loss or gradient norm updates nothing.
+    """
+    grad_fn = value_and_grad(cfg, frozen, remat_blocks=remat_blocks, select=not compile_grad, autocast=autocast)
+    if compile_grad:
+        grad_fn = compile(grad_fn, **(compile_kwargs or {}))
+
+    def train_step(trainable: Flat, opt_state: dict, micro_batches: Sequence[dict], step: int):
+        device = next(iter(trainable.values())).device
+        tokens = sum(supervised_tokens(mb) for mb in micro_batches).to(device)
+        if reducer is not None:
+            tokens = reducer.sum_(tokens)
+        normalizer = tokens.clamp(min=1).float()
+        grads, loss = accumulate(grad_fn, trainable, micro_batches, normalizer)
+        if reducer is not None:
+            grads = reducer.sum_grads_(grads)
+            loss = reducer.sum_(loss)
+        grads, norm = clip_by_global_norm(grads, grad_clip)
+        ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+        if ok:
+            trainable, opt_state = optimizer.update(trainable, grads, opt_state, step)
+        return trainable, opt_state, StepResult(float(loss), float(norm), int(tokens), not ok)
+
+    return train_step

@@ -1,0 +1,179 @@
+"""The loss, the train step's transforms (grad over the trainable subtree, accumulation, remat, compile),
+the NaN/Inf guard and the training loop's outputs."""
+
+import json
+
+import pytest
+import torch
+
+import ghostvis as gv
+from ghostvis.core.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
+from ghostvis.core.tree import flatten, merge
+from ghostvis.train import loop, step as tstep
+from ghostvis.train.loss import loss_fn
+from ghostvis.train.optim import AdamW, make_optimizer
+
+CFG = ModelConfig(text=TextConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                                  ffn_dim=64, max_seq_len=64),
+                  vision=VisionConfig(image_size=16, patch_size=8, dim=32, n_layers=1, n_heads=2, ffn_dim=64),
+                  connector=ConnectorConfig("mlp"), image_token_id=3)
+
+
+def random_batch(cfg=CFG, b=2, t=24, seed=0, images=True) -> dict:
+    """Random tokens with one image per row, two packed documents per row, some unsupervised positions."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(8, cfg.text.vocab_size, (b, t), generator=g)
+    n_img = cfg.num_image_tokens if images else 0
+    tokens[:, 1:1 + n_img] = cfg.image_token_id
+    half = t // 2
+    doc_ids = (torch.arange(t) >= half).long().expand(b, t).clone()
+    positions = torch.cat([torch.arange(half), torch.arange(t - half)]).expand(b, t).clone()
+    targets = torch.roll(tokens, -1, 1)
+    targets[torch.rand(b, t, generator=g) < 0.3] = -100
+    targets[:, :1 + n_img] = -100
+    targets[:, half - 1] = -100  # no target across the document boundary
+    targets[:, -1] = -100
+    imgs = torch.rand(b, 3, 16, 16, generator=g) * 2 - 1 if images else None
+    return {"tokens": tokens, "targets": targets, "positions": positions, "doc_ids": doc_ids, "images": imgs}
+
+
+def cat_batches(*bs):
+    out = {k: torch.cat([b[k] for b in bs]) for k in ("tokens", "targets", "positions", "doc_ids")}
+    out["images"] = torch.cat([b["images"] for b in bs]) if bs[0]["images"] is not None else None
+    return out
+
+
+def test_loss_is_token_mean_cross_entropy():
+    params, b = gv.init(CFG, seed=0), random_batch()
+    logits = gv.forward(params, CFG, b["tokens"], b["images"], positions=b["positions"], doc_ids=b["doc_ids"])
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), b["targets"].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss_fn(params, b, CFG), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_fn(params, b, CFG, select=False), want, atol=1e-5, rtol=1e-5)
+
+
+def test_accumulation_matches_one_big_batch():
+    params = gv.init(CFG, seed=1)
+    trainable, frozen = tstep.partition(params, "all")
+    micro = [random_batch(seed=s) for s in range(3)]
+    grad_fn = tstep.value_and_grad(CFG, frozen)
+    n = sum((m["targets"] != -100).sum() for m in micro).float()
+    g_acc, l_acc = tstep.accumulate(grad_fn, trainable, micro, n)
+    g_big, l_big = grad_fn(trainable, cat_batches(*micro), n)
+    torch.testing.assert_close(l_acc, l_big, atol=1e-5, rtol=1e-5)
+    for k in g_big:
+        torch.testing.assert_close(g_acc[k], g_big[k], atol=1e-6, rtol=1e-4)
+
+
+def test_grad_only_over_trainable_and_frozen_stay_bit_identical():
+    params = gv.init(CFG, seed=2)
+    before = {k: v.clone() for k, v in flatten(params).items()}
+    spec = "connector,text.layers.1"
+    trainable, frozen = tstep.partition(params, spec)
+    assert set(trainable) == {k for k in before if k.startswith(("connector.", "text.layers.1."))}
+    opt = make_optimizer("muon", lr=1e-2)
+    state = opt.init(trainable)
+    train_step = tstep.make_train_step(CFG, opt, frozen)
+    for s in range(3):
+        trainable, state, res = train_step(trainable, state, [random_batch(seed=s)], s)
+        assert not res.skipped
+    after = flatten(merge(trainable, frozen))
+    for k, v in before.items():
+        if k in trainable:
+            assert not torch.equal(after[k], v), f"{k} did not train"
+        else:
+            assert torch.equal(after[k], v), f"frozen {k} changed"
+
+
+def test_partition_rejects_typos():
+    with pytest.raises(ValueError, match="conector"):
+        tstep.partition(gv.init(CFG), "conector")
+    with pytest.raises(ValueError, match="names nothing"):
+        tstep.trainable_predicate(" , ")
+
+
+def test_remat_gives_the_same_gradients():
+    params = gv.init(CFG, seed=3)
+    trainable, frozen = tstep.partition(params, "text")
+    b = random_batch(seed=3)
+    n = (b["targets"] != -100).sum().float()
+    g0, l0 = tstep.value_and_grad(CFG, frozen)(trainable, b, n)
+    g1, l1 = tstep.value_and_grad(CFG, frozen, remat_blocks=True)(trainable, b, n)
+    torch.testing.assert_close(l0, l1, atol=0, rtol=0)
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k], atol=1e-6, rtol=1e-5)
+
+
+def test_compile_transform_gives_the_same_gradients():
+    params = gv.init(CFG, seed=4)
+    trainable, frozen = tstep.partition(params, "all")
+    b = random_batch(seed=4, images=False)
+    n = (b["targets"] != -100).sum().float()
+    g0, l0 = tstep.value_and_grad(CFG, frozen, select=False)(trainable, b, n)
+    fn = tstep.compile(tstep.value_and_grad(CFG, frozen, select=False), backend="aot_eager")
+    g1, l1 = fn(trainable, b, n)
+    torch.testing.assert_close(l0, l1, atol=1e-5, rtol=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k], atol=1e-5, rtol=1e-4)
+
+
+def test_nonfinite_step_is_skipped_and_changes_nothing():
+    params = gv.init(CFG, seed=5)
+    trainable, frozen = tstep.partition(params, "all")
+    opt = AdamW(lr=1e-2)
+    state = opt.init(trainable)
+    train_step = tstep.make_train_step(CFG, opt, frozen)
+    bad = random_batch(seed=5)
+    bad["images"][0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in trainable.items()}
+    trainable, state, res = train_step(trainable, state, [bad], 0)
+    assert res.skipped and int(state["count"]) == 0
+    for k in before:
+        assert torch.equal(trainable[k], before[k])
+    trainable, state, res = train_step(trainable, state, [random_batch(seed=6)], 0)
+    assert not res.skipped and int(state["count"]) == 1
+
+
+class Batches:
+    """A deterministic, resumable batch stream for loop tests; ``poison`` steps carry a NaN image."""
+
+    def __init__(self, poison=()):
+        self.i, self.poison = 0, set(poison)
+
+    def __next__(self):
+        b = random_batch(seed=100 + self.i)
+        if self.i in self.poison:
+            b["images"][:] = float("inf")
+        self.i += 1
+        return b
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, s):
+        self.i = s["i"]
+
+
+def test_loop_writes_run_folder(tmp_path):
+    tc = loop.TrainConfig(steps=6, batch_size=2, seq_len=24, warmup=2, lr=1e-2)
+    rc = loop.RunConfig(name="t", out_dir=str(tmp_path), save_every=3, progress=False)
+    res = loop.train(gv.init(CFG, seed=0), CFG, Batches(), tc, rc)
+    run = tmp_path / "t"
+    metrics = loop.read_metrics(run)
+    assert [r["step"] for r in metrics] == list(range(6))
+    assert all(r["loss"] == r["loss"] and r["lr"] > 0 for r in metrics)
+    assert (run / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+    assert json.loads((run / "checkpoints" / "step_000006" / "state.json").read_text())["data"] == {"i": 6}
+    assert res.skipped == 0 and res.steps == 6
+
+
+def test_loop_skips_then_stops_on_a_nan_streak(tmp_path):
+    tc = loop.TrainConfig(steps=10, batch_size=2, seq_len=24, max_bad_steps=3)
+    rc = loop.RunConfig(name="nan", out_dir=str(tmp_path), progress=False, plot=False)
+    res = loop.train(gv.init(CFG), CFG, Batches(poison={1}), tc, rc)  # one bad step: skipped, run goes on
+    assert res.skipped == 1 and [r["skipped"] for r in res.history].count(True) == 1
+    with pytest.raises(loop.TrainingDiverged, match=r"step 4: .*3 steps in a row"):
+        loop.train(gv.init(CFG), CFG, Batches(poison={2, 3, 4}), tc, loop.RunConfig(name="nan2", out_dir=str(tmp_path),
+                                                                                    progress=False, plot=False))
+    saved, _ = gv.core.io.load_tree(tmp_path / "nan2" / "bad_batch_step000004.safetensors")
+    assert torch.isinf(saved[0]["images"]).all()
