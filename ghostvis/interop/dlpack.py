@@ -2,8 +2,9 @@
 
 ``to_jax(params)`` returns the same nested dicts/lists with every ``torch.Tensor``
 replaced by a ``jax.Array`` that *aliases* the tensor's memory (CPU or CUDA);
-``from_jax(tree)`` does the reverse. No bytes are copied, so converting a
-multi-GB model is instant and costs no memory. Names and structure are kept:
+``from_jax(tree)`` does the reverse; ``load_jax(path)`` reads a GhostVis
+safetensors checkpoint straight into JAX arrays. The conversions copy no bytes,
+so converting a multi-GB model is instant and costs no memory. Names and structure are kept:
 ``ghostvis.flatten`` gives the same dotted names on both sides.
 
 Aliasing has one consequence worth knowing. JAX assumes its arrays are
