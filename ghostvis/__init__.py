@@ -9,6 +9,7 @@
 """
 
 from . import ops
+from .interop import from_jax, load_jax, to_jax
 from .core import (CheckpointError, ConfigError, ConnectorConfig, ImageTokenMismatch, ModelConfig, TextConfig,
                    VisionConfig, count_params, encode_images, export_hf_weights, flatten, flops_per_token, forward,
                    hidden_states, import_hf, init, load, presets, save, tree_map, unflatten)
@@ -19,4 +20,5 @@ __all__ = [
     "ops", "presets", "init", "forward", "hidden_states", "encode_images", "save", "load", "import_hf",
     "export_hf_weights", "count_params", "flops_per_token", "flatten", "unflatten", "tree_map", "ModelConfig",
     "TextConfig", "VisionConfig", "ConnectorConfig", "ConfigError", "CheckpointError", "ImageTokenMismatch",
+    "to_jax", "from_jax", "load_jax",
 ]
