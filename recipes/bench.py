@@ -39,6 +39,15 @@ def bench_ms(fn: Callable[[], object], warmup_ms: float = 100, rep_ms: float = 4
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def bench_graph_ms(fn: Callable[[], object]) -> float:
+    """Median ms per call with the calls captured in a CUDA graph: GPU time without Python overhead."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
 def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grad_outs) -> Callable[[], object]:
     """A closure running ``fn(*inputs)`` and its backward (grads not accumulated)."""
     leaves = [t for t in inputs if t.requires_grad]
@@ -64,20 +73,23 @@ def compiled(fn: Callable) -> Callable:
 
 
 def time_variants(variants: dict[str, Callable], inputs, grad_outs) -> dict[str, float]:
+    """fwd+bwd ms per variant: ``name`` eager-launched (Python overhead included), ``name@graph`` graph-replayed."""
     out = {}
     for name, fn in variants.items():
-        try:
-            out[name] = bench_ms(fwd_bwd(fn, inputs, grad_outs))
-        except Exception as e:  # a variant that fails is reported, not fatal
-            print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            out[name] = float("nan")
+        run = fwd_bwd(fn, inputs, grad_outs)
+        for label, timer in ((name, bench_ms), (name + "@graph", bench_graph_ms)):
+            try:
+                out[label] = timer(run)
+            except Exception as e:  # a variant that fails is reported, not fatal
+                print(f"  {label}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                out[label] = float("nan")
     return out
 
 
 # ----------------------------------------------------------------------------- memory-bound ops
 
 
-def bench_rms_norm(device, dtype, n=16384, d=4096):
+def bench_rms_norm(device, dtype, n=65536, d=4096):
     x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     w = (1 + 0.1 * torch.randn(d, device=device, dtype=dtype)).requires_grad_()
     dy = torch.randn(n, d, device=device, dtype=dtype)
@@ -103,7 +115,7 @@ def bench_swiglu(device, dtype, n=16384, f=8192):
     return {"shape": [n, f], "bytes": 8 * g.numel() * g.element_size(), "ms": ms}
 
 
-def bench_rope(device, dtype, b=8, t=2048, hq=32, hk=8, d=128):
+def bench_rope(device, dtype, b=32, t=2048, hq=32, hk=8, d=128):
     q = torch.randn(b, hq, t, d, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(b, hk, t, d, device=device, dtype=dtype, requires_grad=True)
     ang = torch.arange(t, device=device)[:, None] * torch.rand(d // 2, device=device)

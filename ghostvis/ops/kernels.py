@@ -77,11 +77,11 @@ def _sm_count(device_index: int) -> int:
 
 
 def programs_for(t: torch.Tensor) -> int:
-    """How many programs fill the device holding ``t``: a few per SM, or a handful when interpreting."""
+    """How many programs fill the device holding ``t``: several per SM, or a handful when interpreting."""
     if not t.is_cuda:
         return 4
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return _sm_count(index) * 4
+    return _sm_count(index) * 8
 
 
 # ----------------------------------------------------------------------------- rms_norm
