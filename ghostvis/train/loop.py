@@ -31,6 +31,7 @@ import torch
 
 from ..core.io import save_tree
 from ..core.model import flops_per_token
+from ..core.model import init as gv_init
 from ..core.tree import merge, tree_map
 from . import checkpoint as ckpt
 from . import distributed
@@ -139,6 +140,43 @@ class TrainResult:
     wall_s: float
     run_dir: Path
     history: list = field(default_factory=list)
+
+
+@dataclass
+class ModelSource:
+    """Where the starting weights come from (the ``--model.*`` flags).
+
+    Attributes:
+        preset: the model preset to build when starting from scratch (see ``ghostvis.presets.names()``).
+        init: ``scratch``; or a GhostVis ``.safetensors`` file, a checkpoint folder (``.../step_000300``)
+            or a run folder (its latest checkpoint); or a Hugging Face folder (``config.json`` + safetensors).
+        seed: initialisation seed when starting from scratch.
+    """
+
+    preset: str = "tiny-vlm"
+    init: str = "scratch"
+    seed: int = 0
+
+
+def load_initial(src: ModelSource) -> tuple[dict, object]:
+    """``(params, cfg)`` from a :class:`ModelSource` (the model config comes from the weights unless scratch)."""
+    from ..core import presets
+    from ..core.io import load
+    if src.init == "scratch":
+        cfg = presets.get(src.preset)
+        return gv_init(cfg, src.seed), cfg
+    path = Path(src.init)
+    if path.is_file():
+        return load(path)
+    if (path / ckpt.STATE_FILE).is_file():
+        return load(path / ckpt.MODEL_FILE)
+    if (path / "checkpoints").is_dir() and ckpt.latest(path / "checkpoints") is not None:
+        return load(ckpt.latest(path / "checkpoints") / ckpt.MODEL_FILE)
+    if (path / "config.json").is_file():
+        from ..core.hf import import_hf
+        return import_hf(path, dtype=torch.float32)
+    raise FileNotFoundError(f"--model.init {src.init!r} is not 'scratch', a .safetensors file, a checkpoint or run "
+                            "folder, or a Hugging Face folder with config.json")
 
 
 def build_optimizer(tc: TrainConfig):
@@ -361,5 +399,5 @@ def frozen_names(params: dict, spec: str) -> list[str]:
     return sorted(partition(params, spec)[1]) if spec != "all" else []
 
 
-__all__ = ["TrainConfig", "RunConfig", "TrainResult", "TrainingDiverged", "train", "build_optimizer", "to_device",
+__all__ = ["TrainConfig", "RunConfig", "ModelSource", "load_initial", "TrainResult", "TrainingDiverged", "train", "build_optimizer", "to_device",
            "read_metrics", "append_metrics", "plot_loss", "frozen_names"]
