@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -278,7 +276,8 @@ def _report(res: dict) -> str:
             lines.append(f"int8 M={m:<5}" + " | ".join(f"{k} {v:.3f} ms" for k, v in row.items()))
     if "attention" in res:
         r = res["attention"]
-        lines.append(f"attention {r['shape']} mean doc {r['mean_doc']} block mask build {r['block_mask_build_ms_first']:.0f} ms")
+        lines.append(f"attention {r['shape']} mean doc {r['mean_doc']} "
+                     f"block mask build {r['block_mask_build_ms_first']:.0f} ms")
         for k, c in r["cases"].items():
             lines.append(f"  {k:30s} fwd {c['fwd_ms']:7.2f} ms ({c['useful_fwd_tflops']:5.0f} TF/s)  "
                          f"fwd+bwd {c['fwd_bwd_ms']:7.2f} ms ({c['useful_fwd_bwd_tflops']:5.0f} TF/s)")

@@ -142,7 +142,8 @@ def test_swiglu_matches_float64(device, dtype, rows, cols, fused_input, seed):
         both = make((rows, 2 * cols), device, dtype, seed=seed, scale=3.0)
         gate, up = both[:, :cols], both[:, cols:]
     else:
-        gate, up = make((rows, cols), device, dtype, seed=seed, scale=3.0), make((rows, cols), device, dtype, seed=seed + 1)
+        gate = make((rows, cols), device, dtype, seed=seed, scale=3.0)
+        up = make((rows, cols), device, dtype, seed=seed + 1)
     dy = make((rows, cols), device, dtype, seed=seed + 2)
     y, grads = fast_grads(lambda g, u: ops.swiglu(g, u, backend="triton"), [gate, up], dy)
     y64, g64 = grads64(swiglu64, [gate, up], dy)

@@ -76,7 +76,8 @@ def qkv(b, hq, hk, tq, tk, d, device, dtype, seed=0):
 def test_cpu_default_is_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.randn(3, 8)
-    for op, args in [("rms_norm", (x, None, 1e-6)), ("swiglu", (x, x)), ("int8_linear", (x, torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None))]:
+    int8_args = (x, torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None)
+    for op, args in [("rms_norm", (x, None, 1e-6)), ("swiglu", (x, x)), ("int8_linear", int8_args)]:
         assert dispatch.choose(op, *args).name == "reference"
     q = torch.randn(1, 2, 4, 16)
     assert dispatch.choose("attention", q, q, q, doc_ids=torch.zeros(1, 4, dtype=torch.long)).name == "reference"
