@@ -18,16 +18,19 @@ Only assistant answers are supervised. ``--train.trainable`` freezes the rest
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Optional
+import os
 
-import torch
-import tyro
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads collapse on a busy CPU
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import tyro  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without installing
 
@@ -128,7 +131,6 @@ def evaluate(params, mcfg, tok: Tokenizer, cfg: SFTConfig, device) -> Optional[d
 def main(cfg: SFTConfig) -> dict:
     """Train, evaluate and report; returns ``{"accuracy", "wall_s", "run_dir", ...}``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     di = distributed.init(cfg.run.device)
     params, mcfg = load_initial(cfg.model)
