@@ -21,7 +21,7 @@ from ghostvis.train.data import (
     synthetic_corpus,
     text_samples,
 )
-from ghostvis.train.data.synthetic import COLORS, QUADRANTS, SHAPES, layout, split_of
+from ghostvis.train.data.synthetic import COLORS, QUADRANTS, QUESTION_KINDS, SHAPES, layout, split_of
 from ghostvis.train.packing import IGNORE, Sample
 
 N_IMG = 64  # tiny-vlm: 64 px images, 8 px patches
@@ -45,7 +45,7 @@ def test_synthetic_is_deterministic_per_seed(tok):
 
 
 def test_synthetic_sample_shape_and_answers(tok):
-    ds = SyntheticVQA(tok, N_IMG, 64, size=200, questions_per_image=2)
+    ds = SyntheticVQA(tok, N_IMG, 64, size=200, questions_per_image=2, max_objects=3, kinds=QUESTION_KINDS)
     answers = set(COLORS) | set(SHAPES) | set(QUADRANTS) | {"1", "2", "3", "yes", "no"}
     assert ds.lengths == [len(ds[i].ids) for i in range(len(ds))]
     for i in range(0, 200, 9):
@@ -60,7 +60,7 @@ def test_synthetic_sample_shape_and_answers(tok):
 
 def test_synthetic_answers_match_the_pixels(tok):
     """Each occupied quadrant's centre has the shape's colour; the count answer counts the shapes."""
-    ds = SyntheticVQA(tok, N_IMG, 64, size=60)
+    ds = SyntheticVQA(tok, N_IMG, 64, size=60, max_objects=4, kinds=QUESTION_KINDS)
     for i in range(60):
         item = ds.item(i)
         pixels = ds[i].images[0]
@@ -79,14 +79,24 @@ def test_synthetic_answers_match_the_pixels(tok):
 
 
 def test_held_out_split_is_disjoint(tok):
-    train = SyntheticVQA(tok, N_IMG, 64, size=400, split="train")
-    test = SyntheticVQA(tok, N_IMG, 64, size=100, split="test")
+    train = SyntheticVQA(tok, N_IMG, 64, size=400, split="train", max_objects=3)
+    test = SyntheticVQA(tok, N_IMG, 64, size=100, split="test", max_objects=3)
     train_layouts = {layout(train.item(i).scene) for i in range(400)}
     test_layouts = {layout(test.item(i).scene) for i in range(100)}
     assert not train_layouts & test_layouts
     assert all(split_of(test.item(i).scene) == "test" for i in range(100))
     with pytest.raises(ValueError, match="split"):
         SyntheticVQA(tok, N_IMG, 64, split="val")
+
+
+def test_default_task_is_single_object_colour_and_position(tok):
+    ds = SyntheticVQA(tok, N_IMG, 64, size=50)
+    for i in range(50):
+        item = ds.item(i)
+        assert len(item.scene) == 1
+        assert item.qa[0][1] in set(COLORS) | set(QUADRANTS)
+    with pytest.raises(ValueError, match="kinds"):
+        SyntheticVQA(tok, N_IMG, 64, kinds=["colour"])
 
 
 def test_eval_examples_are_generation_prompts(tok):

@@ -11,9 +11,10 @@ set of templates with one- or two-word answers:
     Where is the red circle?              -> "top left"
     Is there a blue square?               -> "yes" / "no"
 
-The task is chosen to be learnable by the ``tiny-vlm`` preset (64x64 images,
-8x8 patches: a quadrant is 4x4 patches and a shape covers most of it) in a few
-minutes of CPU training.
+By default (``max_objects=1``, ``kinds=LEARNABLE_KINDS``: colour and position
+questions) the ``tiny-vlm`` preset (64x64 images, 8x8 patches: a quadrant is
+4x4 patches and a shape covers most of it) learns the task in a few hundred
+steps; the other templates and busier scenes are there for harder runs.
 
 Splits: sample ``i`` of a split is drawn from a ``random.Random`` seeded with
 ``(seed, split, i)``. A scene's *layout* (which shape and colour sits in which
@@ -46,6 +47,10 @@ COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "
 SHAPES = ("circle", "square", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_KINDS = ("count", "shape", "color", "where", "exists")
+# Measured with plain AdamW (lr 3e-3, 8 x 256-token packed rows, 600 steps) on tiny-vlm: single-object
+# colour and position questions reach ~99-100% held-out; shape identity stays near chance that early and
+# multi-object scenes stay below 60% after 1500 steps. So the default is the quickly learnable subset.
+LEARNABLE_KINDS = ("color", "where")
 BACKGROUND = (20, 20, 20)
 SPLITS = ("train", "test")
 TEST_BUCKET, N_BUCKETS = 0, 10
@@ -174,16 +179,16 @@ class SyntheticVQA(Sequence):
         split: ``"train"`` or ``"test"`` (disjoint layouts; see the module docstring).
         seed: changes every sample.
         questions_per_image: question/answer turns per sample (more supervision per image).
-        max_objects: at most this many shapes per image (1-4).
-        kinds: the question templates to draw from.
+        max_objects: at most this many shapes per image (1-4); 1 by default (the quickly learnable task).
+        kinds: the question templates to draw from (default :data:`LEARNABLE_KINDS`; all: :data:`QUESTION_KINDS`).
 
     ``ds[i]`` draws the image on access (a fraction of a millisecond), so a large
     ``size`` costs no memory; ``ds.lengths`` gives token counts without drawing.
     """
 
     def __init__(self, tok: Tokenizer, num_image_tokens: int, image_size: int = 64, size: int = 10000, *,
-                 split: str = "train", seed: int = 0, questions_per_image: int = 1, max_objects: int = 3,
-                 kinds: Sequence[str] = QUESTION_KINDS):
+                 split: str = "train", seed: int = 0, questions_per_image: int = 1, max_objects: int = 1,
+                 kinds: Sequence[str] = LEARNABLE_KINDS):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 1 <= max_objects <= len(QUADRANTS):
