@@ -30,7 +30,7 @@ def question_kind(question: str) -> str:
 @torch.no_grad()
 def vqa_accuracy(params: dict, cfg, tok, examples: Sequence, *, batch_size: int = 64, max_new_tokens: int = 8,
                  device: str | torch.device = "cpu") -> dict:
-    """Exact-match accuracy of greedy answers on ``examples`` (each with ``prompt``, ``images``, ``question``, ``answer``).
+    """Exact-match accuracy of greedy answers on ``examples`` (with ``prompt``, ``images``, ``question``, ``answer``).
 
     Returns ``{"accuracy", "correct", "total", "by_kind": {kind: accuracy}, "examples": [first few as dicts]}``.
     """

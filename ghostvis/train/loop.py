@@ -399,5 +399,6 @@ def frozen_names(params: dict, spec: str) -> list[str]:
     return sorted(partition(params, spec)[1]) if spec != "all" else []
 
 
-__all__ = ["TrainConfig", "RunConfig", "ModelSource", "load_initial", "TrainResult", "TrainingDiverged", "train", "build_optimizer", "to_device",
+__all__ = ["TrainConfig", "RunConfig", "ModelSource", "load_initial", "TrainResult", "TrainingDiverged", "train",
+           "build_optimizer", "to_device",
            "read_metrics", "append_metrics", "plot_loss", "frozen_names"]

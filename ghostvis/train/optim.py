@@ -7,7 +7,8 @@
 ``params`` and ``grads`` are flat dicts ``{dotted.name: tensor}`` (what
 :func:`ghostvis.core.tree.split` returns) or nested pytrees; names drive the
 routing and weight-decay rules below. The optimizer *state* is a nested pytree
-of tensors (per-parameter buffers keyed ``text/layers/0/attn/wq``), so it saves as safetensors with :func:`save_state` / :func:`load_state`.
+of tensors (per-parameter buffers keyed like ``text/layers/0/attn/wq``), so it
+saves as safetensors with :func:`save_state` / :func:`load_state`.
 
 Pure in form, in place in fact: like JAX's donated buffers, ``update`` writes the
 new values into the tensors of ``params`` and ``state`` it was given and returns
