@@ -42,13 +42,13 @@ IMAGE_MESSAGES = [{"role": "user", "content": [{"type": "image"}, "What is in th
 # GhostVis half
 
 
-def make_image(path: Path):
-    """A deterministic 64x64 test image (already at the encoder's size, so no resampler can differ)."""
+def make_image(path: Path, side: int):
+    """A deterministic test image already at the encoder's size, so no two resamplers can differ."""
     from PIL import Image, ImageDraw
-    img = Image.new("RGB", (64, 64), (30, 60, 200))
+    img = Image.new("RGB", (side, side), (30, 60, 200))
     draw = ImageDraw.Draw(img)
-    draw.rectangle([10, 12, 40, 44], fill=(220, 40, 40))
-    draw.ellipse([36, 30, 60, 58], fill=(250, 230, 40))
+    draw.rectangle([side * 0.15, side * 0.2, side * 0.6, side * 0.7], fill=(220, 40, 40))
+    draw.ellipse([side * 0.55, side * 0.45, side * 0.95, side * 0.9], fill=(250, 230, 40))
     img.save(path)
     return img
 
@@ -79,7 +79,7 @@ def ghostvis_cases(args, work: Path) -> list[dict]:
         images, image_path = [], None
         if name == "image":
             image_path = work / "image.png"
-            make_image(image_path)
+            make_image(image_path, cfg.vision.image_size)
             images = [load_image(image_path, cfg.vision.image_size)]
         out = generate(params, cfg, [ids], [images], max_new_tokens=args.max_new_tokens,
                        stop_ids=[tok.end_id, tok.eos_id])[0]

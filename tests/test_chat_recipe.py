@@ -15,6 +15,7 @@ from ghostvis.train.data.images import load_image
 from ghostvis.train.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+SIDE = gv.presets.get("tiny-vlm").vision.image_size
 QUESTION = [{"role": "user", "content": [{"type": "image"}, "What is in this picture?"]}]
 CORPUS = ["What is in this picture? A red square.", "Hello there, how are you?", "a blue circle and a square"] * 30
 
@@ -37,8 +38,8 @@ def run_dir(tmp_path_factory):
     # the model's vocabulary is the tokenizer's, so every generated id decodes to text
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tok.vocab_size))
     from PIL import Image
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(root / "red.png")
-    image = load_image(root / "red.png", 64)
+    Image.new("RGB", (SIDE, SIDE), (200, 30, 30)).save(root / "red.png")
+    image = load_image(root / "red.png", SIDE)
     for seed in range(20):  # a random model whose greedy replies are printable text, so the comparison means something
         params = gv.init(cfg, seed=seed)
         replies = []
@@ -87,7 +88,7 @@ def test_interactive_session_through_stdin(run_dir):
     assert "(image attached: red.png)" in out
     assert "cannot attach 'missing.png'" in out and "unknown command '/bogus'" in out
     assert out.count("assistant> ") == 2
-    image = load_image(run_dir / "red.png", 64)
+    image = load_image(run_dir / "red.png", SIDE)
     first = greedy_reply(run_dir, [{"role": "user", "content": [{"type": "image"}, "What is in this picture?"]}],
                          [image], 6)
     second = greedy_reply(run_dir, [{"role": "user", "content": [{"type": "image"}, "What is in this picture?"]},
@@ -104,7 +105,7 @@ def test_one_shot_mode(run_dir, capsys):
                             image=(str(run_dir / "red.png"),), temperature=0.0, max_new_tokens=5)
     recipe.main(cfg)
     expected = greedy_reply(run_dir, [{"role": "user", "content": [{"type": "image"}, "What is in this picture?"]}],
-                            [load_image(run_dir / "red.png", 64)], 5)
+                            [load_image(run_dir / "red.png", SIDE)], 5)
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(SystemExit, match="cannot take images"):
         text_run = run_dir / "text"

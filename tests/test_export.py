@@ -82,7 +82,7 @@ def test_vlm_export_matches_in_transformers(tok, tmp_path):
     params = distinct(gv.init(cfg, seed=5), 6)
     export_hf(params, cfg, tmp_path, tok)
     proc_cfg = json.loads((tmp_path / "processor_config.json").read_text())
-    assert proc_cfg["num_additional_image_tokens"] == 0 and proc_cfg["patch_size"] == 8
+    assert proc_cfg["num_additional_image_tokens"] == 0 and proc_cfg["patch_size"] == cfg.vision.patch_size
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["image_token"] == "<|image|>"
     assert (tmp_path / "preprocessor_config.json").is_file()
     from safetensors import safe_open

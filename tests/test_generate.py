@@ -22,9 +22,10 @@ def vlm_model():
     return gv.init(cfg, seed=2), cfg
 
 
-def _images(n, seed):
+def _images(n, seed, side=None):
+    side = side or gv.presets.get("tiny-vlm").vision.image_size
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(3, 64, 64, generator=g) * 2 - 1 for _ in range(n)]
+    return [torch.rand(3, side, side, generator=g) * 2 - 1 for _ in range(n)]
 
 
 def test_cached_equals_uncached_text_batch_of_mixed_lengths(text_model):

@@ -123,6 +123,6 @@ def test_quantized_vlm_generates():
     q = quantize(gv.init(cfg, seed=0))
     assert "q" not in gv.flatten(q["vision"])  # the image path stays in float
     prompt = [1, 4] + [cfg.image_token_id] * cfg.num_image_tokens + [5]
-    image = torch.zeros(3, 64, 64)
+    image = torch.zeros(3, cfg.vision.image_size, cfg.vision.image_size)
     assert generate(q, cfg, [prompt], [[image]], max_new_tokens=3) == [
         generate_uncached(q, cfg, prompt, [image], max_new_tokens=3)]
