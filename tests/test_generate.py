@@ -60,6 +60,9 @@ def test_image_count_mismatch_is_a_clear_error(vlm_model):
     prompt = [1, 4] + [cfg.image_token_id] * cfg.num_image_tokens + [5]
     with pytest.raises(gv.ImageTokenMismatch, match="prompt 0"):
         generate(params, cfg, [prompt], [[]], max_new_tokens=2)
+    text_cfg = gv.presets.get("tiny")
+    with pytest.raises(gv.ImageTokenMismatch, match="text-only"):
+        generate(gv.init(text_cfg, seed=0), text_cfg, [[1, 5]], [_images(1, 0)], max_new_tokens=2)
 
 
 def test_prompt_longer_than_context_is_an_error(text_model):

@@ -50,6 +50,8 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         if bad:
             raise ValueError(f"prompt {row} has token ids outside [0, {vocab}): {bad[:5]}")
         n_images = 0 if images is None else len(images[row])
+        if n_images and not cfg.is_vlm:
+            raise ImageTokenMismatch(f"prompt {row} comes with {n_images} images but the model is text-only")
         found = sum(t == cfg.image_token_id for t in p) if cfg.image_token_id is not None else 0
         if found != n_images * cfg.num_image_tokens:
             raise ImageTokenMismatch(f"prompt {row} has {found} <|image|> placeholders but {n_images} images x "
