@@ -186,3 +186,20 @@ def test_state_saves_and_resumes_exactly(tmp_path):
         assert torch.equal(params[k], p2[k]), k
     with pytest.raises(CheckpointError, match="does not match"):
         optim.load_state(tmp_path / "opt.safetensors", make_optimizer("adamw").init(params))
+
+
+@pytest.mark.gpu
+def test_fused_adamw_on_cuda_matches_torch():
+    params, grads = _problem()
+    ref = {k: torch.nn.Parameter(v.clone().cuda()) for k, v in params.items()}
+    torch_opt = torch.optim.AdamW(ref.values(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    opt = AdamW(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, decay=lambda name, t: True)  # fused picked on CUDA
+    mine = {k: v.clone().cuda() for k, v in params.items()}
+    state = opt.init(mine)
+    for step, g in enumerate(grads):
+        for k, p in ref.items():
+            p.grad = g[k].cuda()
+        torch_opt.step()
+        opt.update(mine, {k: v.cuda() for k, v in g.items()}, state, step)
+    for k in params:
+        torch.testing.assert_close(mine[k], ref[k].detach(), atol=1e-6, rtol=0)
