@@ -65,9 +65,16 @@ def fast_grads(fn, inputs, grad_out):
     return out, torch.autograd.grad(outs, xs, gs)
 
 
+def _triton_version() -> tuple[int, int]:
+    import triton
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
 def skip_without(device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    if device == "cpu" and _triton_version() < (3, 7):
+        pytest.skip("triton < 3.7's CPU interpreter cannot run kernels with runtime loops")
 
 
 # ----------------------------------------------------------------------------- oracles (float64)
@@ -232,6 +239,7 @@ def test_linear_cross_entropy_matches_float64(small_chunks, device, dtype, n, d,
 
 
 def test_linear_cross_entropy_no_grad_paths_match(small_chunks):
+    skip_without("cpu")
     h, w = torch.randn(7, 8), torch.randn(40, 8)
     t = torch.tensor([1, -100, 3, 39, 0, -100, 5])
     for reduction in ("mean", "sum", "none"):
@@ -270,6 +278,7 @@ def test_int8_linear_matches_float64(device, dtype, m, k, n, has_bias, seed):
 
 
 def test_int8_linear_grad_flows_to_activations():
+    skip_without("cpu")
     x = torch.randn(2, 3, 16, requires_grad=True)
     wq = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
     scale = torch.rand(8) * 0.1
