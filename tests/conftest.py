@@ -2,9 +2,12 @@
 
 import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# Spinning OpenMP threads make subprocess-heavy tests crawl on a 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # ci: few examples on 2 cores; dev: more locally; gpu: the same tests on an H100
 settings.register_profile("ci", max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
