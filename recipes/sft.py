@@ -128,8 +128,11 @@ def evaluate(params, mcfg, tok: Tokenizer, cfg: SFTConfig, device) -> Optional[d
     held_out = SyntheticVQA(tok, mcfg.num_image_tokens, mcfg.vision.image_size, size=cfg.eval.images, split="test",
                             seed=cfg.eval.seed, questions_per_image=cfg.data.questions_per_image,
                             max_objects=cfg.data.max_objects, kinds=cfg.data.kinds)
-    return vqa_accuracy(params, mcfg, tok, held_out.eval_examples(), batch_size=cfg.eval.batch_size,
-                        max_new_tokens=cfg.eval.max_new_tokens, device=device)
+    held_out.image(0).save(cfg.run.run_dir / "example.png")  # a held-out picture to chat about
+    scores = vqa_accuracy(params, mcfg, tok, held_out.eval_examples(), batch_size=cfg.eval.batch_size,
+                          max_new_tokens=cfg.eval.max_new_tokens, device=device)
+    scores["example_question"] = held_out.item(0).qa[0][0]
+    return scores
 
 
 def main(cfg: SFTConfig) -> dict:
@@ -166,6 +169,10 @@ def main(cfg: SFTConfig) -> dict:
         (run_dir / "eval.json").write_text(json.dumps({**report, "config": asdict(cfg)}, indent=2, default=str))
         print(f"run folder: {run_dir}  (checkpoints/, metrics.jsonl, loss.png, tokenizer.json, eval.json); "
               f"total {report['wall_s']:.0f}s")
+        if scores is not None:
+            print(f"talk to it: python recipes/chat.py --checkpoint {run_dir} --temperature 0 "
+                  f"--image {run_dir / 'example.png'} --prompt '{scores['example_question']}'\n"
+                  f"        or: python recipes/chat.py --checkpoint {run_dir}  (then /image {run_dir}/example.png)")
     distributed.shutdown()
     return report
 
