@@ -29,10 +29,11 @@ def _tiny_text() -> TextConfig:
                       ffn_dim=384, max_seq_len=512)
 
 
-def _tiny_vision() -> VisionConfig:
-    # 32 px patches: a 64 px image is 2 x 2 patches, one per quadrant of the synthetic VQA scenes, so the
-    # CPU demo (recipes/sft.py) learns the task in ~200 steps; 8 px patches needed many times more.
-    return VisionConfig(image_size=64, patch_size=32, dim=128, n_layers=2, n_heads=4, ffn_dim=256)
+def _tiny_vision(patch_size: int = 32) -> VisionConfig:
+    # tiny-vlm uses 32 px patches: a 64 px image is 2 x 2 patches, one per quadrant of the synthetic VQA
+    # scenes, so the CPU demo (recipes/sft.py) learns the task in ~200 steps; 8 px patches needed many times
+    # more. The token-reducing connectors get 8 px patches (64 per image) so they have something to reduce.
+    return VisionConfig(image_size=64, patch_size=patch_size, dim=128, n_layers=2, n_heads=4, ffn_dim=256)
 
 
 def _siglip_b16() -> VisionConfig:
@@ -44,10 +45,10 @@ _PRESETS = {
     "tiny": lambda: ModelConfig(text=_tiny_text(), name="tiny"),
     "tiny-vlm": lambda: ModelConfig(text=_tiny_text(), vision=_tiny_vision(), connector=ConnectorConfig("mlp"),
                                     image_token_id=TINY_IMAGE_TOKEN, name="tiny-vlm"),
-    "tiny-vlm-shuffle": lambda: ModelConfig(text=_tiny_text(), vision=_tiny_vision(),
+    "tiny-vlm-shuffle": lambda: ModelConfig(text=_tiny_text(), vision=_tiny_vision(8),
                                             connector=ConnectorConfig("pixel_shuffle", scale=2),
                                             image_token_id=TINY_IMAGE_TOKEN, name="tiny-vlm-shuffle"),
-    "tiny-vlm-perceiver": lambda: ModelConfig(text=_tiny_text(), vision=_tiny_vision(),
+    "tiny-vlm-perceiver": lambda: ModelConfig(text=_tiny_text(), vision=_tiny_vision(8),
                                               connector=ConnectorConfig("perceiver", num_latents=16, n_layers=1),
                                               image_token_id=TINY_IMAGE_TOKEN, name="tiny-vlm-perceiver"),
     "d12": lambda: ModelConfig(text=depth(12), name="d12"),
