@@ -131,15 +131,22 @@ def flex_for_documents(q, k, v, *, doc_ids=None, mask=None, **kw) -> bool:
 # ----------------------------------------------------------------------------- flash_attn
 
 
-@functools.lru_cache(maxsize=1)
-def flash_attn_module():
-    """The ``flash_attn`` module, or None when it is not installed."""
+def _import_flash_attn():
     try:
         import flash_attn
 
         return flash_attn
     except Exception:
         return None
+
+
+# Resolved once at import: an import inside a traced function breaks torch.compile(fullgraph=True).
+_FLASH_ATTN = _import_flash_attn()
+
+
+def flash_attn_module():
+    """The ``flash_attn`` module, or None when it is not installed."""
+    return _FLASH_ATTN
 
 
 def _cu_seqlens(doc_ids: Tensor) -> tuple[Tensor, int]:
