@@ -32,8 +32,8 @@ from ghostvis.train import distributed  # noqa: E402
 from ghostvis.train.data import (BatchIterator, default_tokenizer, load_text, synthetic_corpus,  # noqa: E402
                                  text_samples)
 from ghostvis.train.evaluate import mean_loss  # noqa: E402
-from ghostvis.train.loop import (ModelSource, RunConfig, TrainConfig, append_metrics, load_initial,  # noqa: E402
-                                 train)
+from ghostvis.train.loop import (ModelSource, RunConfig, TrainConfig, append_metrics, data_rank,  # noqa: E402
+                                 load_initial, train)
 from ghostvis.train.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -86,7 +86,8 @@ def main(cfg: PretrainConfig) -> dict:
     else:
         samples = load_text(cfg.data.source, tok, seq, strict=cfg.data.strict, txt_mode=cfg.data.txt_mode)
     batches = BatchIterator(samples, batch_size=cfg.train.batch_size, seq_len=seq, pad_id=tok.pad_id,
-                            seed=cfg.train.seed, rank=di.rank, world_size=di.world_size)
+                            seed=cfg.train.seed, rank=data_rank(di, cfg.train)[0],
+                            world_size=data_rank(di, cfg.train)[1])
     result = train(params, mcfg, batches, cfg.train, cfg.run, di)
     report = {"run_dir": str(run_dir), "final_loss": result.final_loss, "train_wall_s": round(result.wall_s, 1)}
     if di.is_main and cfg.data.source == "synthetic" and cfg.data.eval_docs > 0:

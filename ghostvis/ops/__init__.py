@@ -30,6 +30,7 @@ import torch
 
 from . import attention_backends as _attention
 from . import dispatch, reference
+from . import ring as _ring
 from .dispatch import backends, force, use
 
 Tensor = torch.Tensor
@@ -84,6 +85,8 @@ dispatch.register("linear_cross_entropy", "chunked", _chunked_torch, supports=_l
                   priority=-10, auto=lambda *a, **k: False)
 
 dispatch.register("attention", "sdpa", _attention.sdpa_attention, supports=_attention.sdpa_ok, priority=10)
+# inside ring.context_parallel(...) causal self-attention spans the sequence shards of a process group
+dispatch.register("attention", "ring", _ring.ring_backend, supports=_ring.ring_supports, priority=100)
 dispatch.register("attention", "flash_attn", _attention.flash_attention, supports=_attention.flash_attn_ok,
                   priority=20)
 dispatch.register("attention", "flex", _attention.flex_attention, supports=_attention.flex_ok, priority=30,

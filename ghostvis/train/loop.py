@@ -33,6 +33,7 @@ from ..core.io import save_tree
 from ..core.model import flops_per_token
 from ..core.model import init as gv_init
 from ..core.tree import merge, tree_map
+from ..ops import ring
 from . import checkpoint as ckpt
 from . import distributed
 from .optim import make_optimizer
@@ -74,6 +75,9 @@ class TrainConfig:
         dtype: compute dtype: ``float32``, or ``bfloat16`` (autocast; params and optimizer stay float32).
         seed: seed of the data order and of any randomness in training.
         max_bad_steps: stop after this many NaN/Inf steps in a row (each is skipped, not applied).
+        context_parallel: split every sequence over this many ranks and run causal attention as ring
+            attention (long-context training; text batches). For now it must equal the number of
+            ranks: all ranks read the same batch and each keeps its zigzag shard of every row.
     """
 
     steps: int = 300
@@ -96,6 +100,7 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     max_bad_steps: int = 3
+    context_parallel: int = 1
 
 
 @dataclass
@@ -184,6 +189,21 @@ def build_optimizer(tc: TrainConfig):
     sched = dict(kind=tc.schedule, total=tc.steps, warmup=tc.warmup, final=tc.final_lr_frac)
     return make_optimizer(tc.optimizer, lr=lr_schedule(tc.lr, **sched), muon_lr=lr_schedule(tc.muon_lr, **sched),
                           weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2))
+
+
+def context_shard(batch: dict, world: int, rank: int) -> dict:
+    """This rank's zigzag shard (along the sequence) of every ``[B, T]`` tensor of a text batch."""
+    if batch.get("images") is not None:
+        raise ValueError("context parallelism takes text batches only (image placeholders would be split "
+                         "across ranks); train VLMs with data parallelism")
+    return {k: (ring.shard(v, world, rank, dim=1) if isinstance(v, torch.Tensor) and v.dim() == 2 else v)
+            for k, v in batch.items()}
+
+
+def data_rank(di: "distributed.DistInfo", tc: TrainConfig) -> tuple[int, int]:
+    """``(rank, world_size)`` to shard the data by: context-parallel ranks read the same batches."""
+    cp = max(1, tc.context_parallel)
+    return di.rank // cp, di.world_size // cp
 
 
 def to_device(batch: dict, device) -> dict:
@@ -326,12 +346,17 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
         (run_dir / "config.json").write_text(json.dumps({"train": asdict(tc), "run": {**asdict(rc)},
                                                          "model": cfg.to_dict(), "world_size": di.world_size},
                                                         indent=2, default=str))
+    cp = tc.context_parallel
+    if cp > 1 and cp != di.world_size:
+        raise ValueError(f"--train.context-parallel {cp} must equal the number of ranks ({di.world_size}); "
+                         "combining it with data parallelism is not supported yet")
+    cp_positions = ring.shard_positions(tc.seq_len, cp, di.rank, device=device) if cp > 1 else None
     autocast = torch.bfloat16 if tc.dtype == "bfloat16" else None
     step_fn = make_train_step(cfg, optimizer, frozen, grad_clip=tc.grad_clip, remat_blocks=tc.remat,
                               compile_grad=tc.compile, autocast=autocast,
                               reducer=distributed.DataParallel() if di.enabled else None)
     lr_at = lr_schedule(tc.lr, tc.schedule, total=tc.steps, warmup=tc.warmup, final=tc.final_lr_frac)
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * di.world_size
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * di.world_size // cp
     flops_tok = flops_per_token(cfg, tc.seq_len)
 
     def save(step: int) -> None:
@@ -354,7 +379,12 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
     try:
         for step in range(start, tc.steps):
             micro = [to_device(next(batches), device) for _ in range(tc.grad_accum)]
-            trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
+            if cp > 1:
+                micro = [context_shard(mb, cp, di.rank) for mb in micro]
+                with ring.context_parallel(None, cp_positions):
+                    trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
+            else:
+                trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
             now = time.perf_counter()
             if result.skipped:
                 skipped += 1
