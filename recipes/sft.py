@@ -170,9 +170,11 @@ def main(cfg: SFTConfig) -> dict:
         print(f"run folder: {run_dir}  (checkpoints/, metrics.jsonl, loss.png, tokenizer.json, eval.json); "
               f"total {report['wall_s']:.0f}s")
         if scores is not None:
-            print(f"talk to it: python recipes/chat.py --checkpoint {run_dir} --temperature 0 "
+            exe = sys.executable
+            py = os.path.relpath(exe) if exe.startswith(os.getcwd() + os.sep) else "python"
+            print(f"talk to it: {py} recipes/chat.py --checkpoint {run_dir} --temperature 0 "
                   f"--image {run_dir / 'example.png'} --prompt '{scores['example_question']}'\n"
-                  f"        or: python recipes/chat.py --checkpoint {run_dir}  (then /image {run_dir}/example.png)")
+                  f"        or: {py} recipes/chat.py --checkpoint {run_dir}  (then /image {run_dir}/example.png)")
     distributed.shutdown()
     return report
 
