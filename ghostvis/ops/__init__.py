@@ -11,7 +11,8 @@ swiglu               triton, reference
 rope                 triton, reference
 linear_cross_entropy triton (chunked), chunked (chunked, torch rows), reference
 int8_linear          triton, reference
-attention            flex (packed documents), flash_attn, sdpa, reference
+attention            ring (inside ring.context_parallel), flex (packed documents),
+                     flash_attn, sdpa, reference
 layer_norm, gelu,    reference (torch's own kernels are already fused)
 linear
 ==================== =============================================================
