@@ -117,10 +117,12 @@ class VisionConfig:
 
     @property
     def num_patches(self) -> int:
+        """Patches per image."""
         return self.grid * self.grid
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.dim // self.n_heads
 
     @property
@@ -198,6 +200,7 @@ class ModelConfig:
 
     @property
     def is_vlm(self) -> bool:
+        """True when the model has a vision encoder."""
         return self.vision is not None
 
     @property
@@ -217,13 +220,16 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """Plain nested dict of every field (what the checkpoint metadata stores)."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The config as a JSON string, keys sorted."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @staticmethod
     def from_dict(d: dict) -> "ModelConfig":
+        """Rebuild a config from :meth:`to_dict` output; unknown fields raise ConfigError."""
         d = dict(d)
         try:
             text = TextConfig(**d.pop("text"))
@@ -236,4 +242,5 @@ class ModelConfig:
 
     @staticmethod
     def from_json(s: str) -> "ModelConfig":
+        """Rebuild a config from :meth:`to_json` output."""
         return ModelConfig.from_dict(json.loads(s))

@@ -24,6 +24,7 @@ Tensor = torch.Tensor
 
 
 def init_connector(cfg: ModelConfig, init: Init) -> dict:
+    """Fresh connector parameters for ``cfg.connector.kind`` (layouts in the module docstring)."""
     conn, dv, dt = cfg.connector, cfg.vision.dim, cfg.text.dim
     if conn.kind == "mlp":
         return {"w1": init.normal(dt, dv), "b1": init.zeros(dt), "w2": init.normal(dt, dt), "b2": init.zeros(dt)}
@@ -47,6 +48,7 @@ def pixel_shuffle(x: Tensor, scale: int) -> Tensor:
 
 
 def perceiver(p: dict, cfg: ModelConfig, feats: Tensor) -> Tensor:
+    """Perceiver resampler: learned latents cross-attend to the projected patches."""
     conn, dt, eps = cfg.connector, cfg.text.dim, cfg.text.norm_eps
     n = feats.shape[0]
     kv_in = ops.linear(feats, p["in_proj"])

@@ -33,6 +33,7 @@ Tensor = torch.Tensor
 
 
 def init_text(cfg: TextConfig, init: Init) -> dict:
+    """Fresh decoder parameters (layout in the module docstring)."""
     hd, d = cfg.head_dim, cfg.dim
     out_std = 0.02 / (2 * cfg.n_layers) ** 0.5  # residual-branch outputs start small
     layers = []
@@ -115,6 +116,7 @@ def block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, **attn_
 
 
 def default_positions(tokens_or_embeds: Tensor) -> Tensor:
+    """Positions ``0..T-1`` for every row of a ``[B, T, ...]`` input."""
     b, t = tokens_or_embeds.shape[:2]
     return torch.arange(t, device=tokens_or_embeds.device).expand(b, t)
 
@@ -139,6 +141,7 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
 
 
 def lm_head_weight(params: dict) -> Tensor:
+    """The LM head matrix (the embedding when tied)."""
     return params.get("lm_head", params["embed"])
 
 

@@ -18,12 +18,15 @@ class Init:
         self.gen = None if self.device.type == "meta" else torch.Generator().manual_seed(seed)
 
     def normal(self, *shape: int, std: float = 0.02) -> torch.Tensor:
+        """A tensor of N(0, std^2) draws."""
         if self.gen is None:
             return torch.empty(shape, device="meta")
         return torch.randn(shape, generator=self.gen) * std
 
     def zeros(self, *shape: int) -> torch.Tensor:
+        """A zero tensor (biases)."""
         return torch.zeros(shape, device="meta" if self.gen is None else "cpu")
 
     def ones(self, *shape: int) -> torch.Tensor:
+        """A tensor of ones (norm weights)."""
         return torch.ones(shape, device="meta" if self.gen is None else "cpu")

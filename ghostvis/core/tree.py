@@ -75,6 +75,7 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree, *rest: Tree) -> Tree
 
 
 def leaves(tree: Tree) -> list[torch.Tensor]:
+    """The tensors of a pytree, in flatten order."""
     return list(flatten(tree).values())
 
 

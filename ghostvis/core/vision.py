@@ -27,6 +27,7 @@ Tensor = torch.Tensor
 
 
 def init_vision(cfg: VisionConfig, init: Init) -> dict:
+    """Fresh SigLIP encoder parameters (layout in the module docstring)."""
     d = cfg.dim
     out_std = 0.02 / (2 * cfg.n_layers) ** 0.5
     ln = lambda: {"weight": init.ones(d), "bias": init.zeros(d)}  # noqa: E731
@@ -54,6 +55,7 @@ def patchify(images: Tensor, patch: int) -> Tensor:
 
 
 def embed_patches(params: dict, cfg: VisionConfig, images: Tensor) -> Tensor:
+    """Patch embeddings plus learned positions, ``[N, num_patches, dim]``; checks the image shape."""
     if images.dim() != 4 or images.shape[1:] != (cfg.num_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"images must be [N, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}], "
                          f"got {list(images.shape)}")
@@ -64,6 +66,7 @@ def embed_patches(params: dict, cfg: VisionConfig, images: Tensor) -> Tensor:
 
 
 def encoder_block(p: dict, cfg: VisionConfig, x: Tensor) -> Tensor:
+    """One pre-LN SigLIP block: MHA with biases, then a GELU(tanh) MLP."""
     n, t, d = x.shape
     h = ops.layer_norm(x, p["ln1"]["weight"], p["ln1"]["bias"], cfg.norm_eps)
     a = p["attn"]

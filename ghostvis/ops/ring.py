@@ -233,5 +233,6 @@ def ring_supports(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=No
 
 
 def ring_backend(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=None, scale=None) -> Tensor:
+    """``attention`` backend body: ring attention with the positions and group of the active context."""
     return ring_attention(q, k, v, _CONTEXT["positions"], doc_ids=doc_ids, group=_CONTEXT["group"],
                           causal=causal, scale=scale)
