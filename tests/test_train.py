@@ -91,16 +91,22 @@ def test_partition_rejects_typos():
         tstep.trainable_predicate(" , ")
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("policy", tstep.REMAT_POLICIES)
+def test_remat_gives_the_same_gradients(policy):
     params = gv.init(CFG, seed=3)
     trainable, frozen = tstep.partition(params, "text")
     b = random_batch(seed=3)
     n = (b["targets"] != -100).sum().float()
     g0, l0 = tstep.value_and_grad(CFG, frozen)(trainable, b, n)
-    g1, l1 = tstep.value_and_grad(CFG, frozen, remat_blocks=True)(trainable, b, n)
+    g1, l1 = tstep.value_and_grad(CFG, frozen, remat_blocks=True, remat_policy=policy)(trainable, b, n)
     torch.testing.assert_close(l0, l1, atol=0, rtol=0)
     for k in g0:
         torch.testing.assert_close(g0[k], g1[k], atol=1e-6, rtol=1e-5)
+
+
+def test_remat_policy_is_checked():
+    with pytest.raises(ValueError, match="remat policy must be one of"):
+        tstep.remat(policy="selective")
 
 
 def test_compile_transform_gives_the_same_gradients():
@@ -177,3 +183,28 @@ def test_loop_skips_then_stops_on_a_nan_streak(tmp_path):
                                                                                     progress=False, plot=False))
     saved, _ = gv.core.io.load_tree(tmp_path / "nan2" / "bad_batch_step000004.safetensors")
     assert torch.isinf(saved[0]["images"]).all()
+
+
+def test_remat_policies_save_fewer_activations():
+    """Bytes kept for the backward (plain autograd): full < mlp < none, and attention < none."""
+    from ghostvis.core.model import hidden_states
+
+    params = gv.tree_map(lambda t: t.clone().requires_grad_(), gv.init(CFG, seed=5))
+    b = random_batch(seed=5, t=48, images=False)
+
+    def saved_bytes(block_fn):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden_states(params, CFG, b["tokens"], positions=b["positions"], doc_ids=b["doc_ids"],
+                          block_fn=block_fn).sum()
+        return total
+
+    none = saved_bytes(None)
+    sizes = {p: saved_bytes(tstep.remat(policy=p)) for p in tstep.REMAT_POLICIES}
+    assert sizes["full"] < sizes["mlp"] < none and sizes["attention"] < none, (none, sizes)

@@ -71,6 +71,8 @@ class TrainConfig:
         trainable: what to train: ``all``, or comma-separated dotted prefixes such as
             ``connector`` or ``connector,text.layers.2,text.layers.3``; everything else is frozen.
         remat: activation checkpointing per decoder block (less memory, ~1/3 more compute).
+        remat_policy: with ``remat``: ``full`` (recompute whole blocks), ``mlp`` or ``attention``
+            (recompute only that sub-block, keep the other's activations).
         compile: ``torch.compile`` the gradient function.
         dtype: compute dtype: ``float32``, or ``bfloat16`` (autocast; params and optimizer stay float32).
         seed: seed of the data order and of any randomness in training.
@@ -96,6 +98,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     trainable: str = "all"
     remat: bool = False
+    remat_policy: Literal["full", "attention", "mlp"] = "full"
     compile: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
@@ -353,6 +356,7 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
     cp_positions = ring.shard_positions(tc.seq_len, cp, di.rank, device=device) if cp > 1 else None
     autocast = torch.bfloat16 if tc.dtype == "bfloat16" else None
     step_fn = make_train_step(cfg, optimizer, frozen, grad_clip=tc.grad_clip, remat_blocks=tc.remat,
+                              remat_policy=tc.remat_policy,
                               compile_grad=tc.compile, autocast=autocast,
                               reducer=distributed.DataParallel() if di.enabled else None)
     lr_at = lr_schedule(tc.lr, tc.schedule, total=tc.steps, warmup=tc.warmup, final=tc.final_lr_frac)

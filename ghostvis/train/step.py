@@ -30,6 +30,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
+from .. import ops
 from ..core import decoder
 from ..core.tree import flatten, merge, split, unflatten
 from .loss import loss_fn, supervised_tokens
@@ -93,31 +94,62 @@ class _Recompute(torch.autograd.Function):
         return (None, *vjp_fn(grad_out))
 
 
-def remat(block_fn: Callable = decoder.block) -> Callable:
-    """A drop-in ``block_fn`` for ``decode_hidden`` that checkpoints each block (keeps only its input)."""
+REMAT_POLICIES = ("full", "attention", "mlp")
 
-    def checkpointed_block(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) -> Tensor:
-        names, leaves = zip(*flatten(lp).items())
 
-        def run(x, *leaves):
-            return block_fn(unflatten(dict(zip(names, leaves))), cfg, x, cos, sin, **kw)
+def _checkpointed(fn: Callable, params: dict, x: Tensor) -> Tensor:
+    """``fn(params, x)`` that keeps only ``x`` (and the params) and recomputes itself in the backward."""
+    names, leaves = zip(*flatten(params).items())
 
-        return _Recompute.apply(run, x, *leaves)
+    def run(x, *leaves):
+        return fn(unflatten(dict(zip(names, leaves))), x)
 
-    return checkpointed_block
+    return _Recompute.apply(run, x, *leaves)
+
+
+def remat(block_fn: Callable = decoder.block, policy: str = "full") -> Callable:
+    """A drop-in ``block_fn`` for ``decode_hidden`` with activation checkpointing.
+
+    Policies: ``full`` keeps only each block's input and recomputes the whole block;
+    ``mlp`` recomputes only the MLP sub-block (norm, gate/up, SwiGLU, down: the widest
+    activations) and keeps attention's; ``attention`` recomputes only the attention
+    sub-block. ``block_fn`` is used by ``full`` only (the sub-block policies are built
+    from :func:`decoder.attention_block` and :func:`decoder.mlp_block`).
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
+
+    def full(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) -> Tensor:
+        return _checkpointed(lambda p, x: block_fn(p, cfg, x, cos, sin, **kw), lp, x)
+
+    def sub_blocks(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) -> Tensor:
+        eps = cfg.norm_eps
+
+        def attn(p, x):
+            return decoder.attention_block(p["attn"], cfg, ops.rms_norm(x, p["attn_norm"], eps), cos, sin, **kw)
+
+        def mlp(p, x):
+            return decoder.mlp_block(p["mlp"], ops.rms_norm(x, p["mlp_norm"], eps))
+
+        attn_p = {"attn": lp["attn"], "attn_norm": lp["attn_norm"]}
+        mlp_p = {"mlp": lp["mlp"], "mlp_norm": lp["mlp_norm"]}
+        x = x + (_checkpointed(attn, attn_p, x) if policy == "attention" else attn(attn_p, x))
+        return x + (_checkpointed(mlp, mlp_p, x) if policy == "mlp" else mlp(mlp_p, x))
+
+    return full if policy == "full" else sub_blocks
 
 
 # --------------------------------------------------------------------------- grad, compile, accumulate
 
 
-def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, select: bool = True,
+def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_policy: str = "full", select: bool = True,
                    autocast: Optional[torch.dtype] = None) -> Callable:
     """``fn(trainable, batch, normalizer) -> (grads, loss)``: gradients w.r.t. ``trainable`` only.
 
     ``frozen`` is closed over. ``autocast`` (e.g. ``torch.bfloat16``) runs the
     forward under ``torch.autocast`` while params and grads stay in their dtype.
     """
-    block_fn = remat() if remat_blocks else None
+    block_fn = remat(policy=remat_policy) if remat_blocks else None
 
     def loss_of_trainable(trainable: Flat, batch: dict, normalizer) -> Tensor:
         params = merge(trainable, frozen)
@@ -174,6 +206,7 @@ class StepResult:
 
 
 def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, remat_blocks: bool = False,
+                    remat_policy: str = "full",
                     compile_grad: bool = False, autocast: Optional[torch.dtype] = None,
                     reducer: Optional[Reducer] = None, compile_kwargs: Optional[dict] = None) -> Callable:
     """Compose grad (+ remat, + compile), accumulation, all-reduce, clipping and the optimizer update.
@@ -182,7 +215,8 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     Params and optimizer state are updated in place (see :mod:`.optim`); a step with a
     non-finite loss or gradient norm updates nothing.
     """
-    grad_fn = value_and_grad(cfg, frozen, remat_blocks=remat_blocks, select=not compile_grad, autocast=autocast)
+    grad_fn = value_and_grad(cfg, frozen, remat_blocks=remat_blocks, remat_policy=remat_policy,
+                             select=not compile_grad, autocast=autocast)
     if compile_grad:
         grad_fn = compile(grad_fn, **(compile_kwargs or {}))
 
