@@ -1,4 +1,4 @@
-"""Data parallel: bucketing, and torchrun x2 on CPU (gloo) == one process with the same global batch."""
+"""Data parallel: bucketing, and torchrun x2 / x4 on CPU (gloo) == one process with the same global batch."""
 
 import subprocess
 import sys
@@ -55,14 +55,15 @@ def test_single_process_is_a_no_op():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_torchrun_two_ranks_matches_one_process(tmp_path):
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_torchrun_ranks_match_one_process(tmp_path, nproc):
     script = tmp_path / "dp.py"
     script.write_text(SCRIPT)
     single = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4", str(ROOT)],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(script), str(tmp_path / "two"), "2", str(ROOT)],
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                            str(script), str(tmp_path / "two"), str(4 // nproc), str(ROOT)],
                            capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, cfg, _, s1 = ckpt.load_checkpoint(ckpt.latest(tmp_path / "one" / "r" / "checkpoints"))
