@@ -73,32 +73,7 @@ def test_zigzag_balances_causal_work():
         shard_positions(30, 4, 0)
 
 
-CP_SCRIPT = r'''
-import os, sys
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch
-torch.set_num_threads(1)
-sys.path.insert(0, sys.argv[3])
-import ghostvis as gv
-from ghostvis.core.config import ModelConfig, TextConfig
-from ghostvis.train import distributed, loop
-from ghostvis.train.data import BatchIterator
-from ghostvis.train.packing import Sample
 
-out, cp = sys.argv[1], int(sys.argv[2])
-cfg = ModelConfig(text=TextConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                                  ffn_dim=64, max_seq_len=64))
-g = torch.Generator().manual_seed(0)
-docs = [torch.randint(8, 64, (int(torch.randint(4, 30, (1,), generator=g)),), generator=g).tolist() for _ in range(200)]
-samples = [Sample(d, [True] * len(d)) for d in docs]
-di = distributed.init("cpu")
-tc = loop.TrainConfig(steps=4, batch_size=3, seq_len=32, lr=1e-2, warmup=1, context_parallel=cp)
-rank, world = loop.data_rank(di, tc)
-it = BatchIterator(samples, batch_size=3, seq_len=32, rank=rank, world_size=world, seed=1)
-rc = loop.RunConfig(name="r", out_dir=out, progress=False, plot=False)
-loop.train(gv.init(cfg, seed=0), cfg, it, tc, rc, di)
-distributed.shutdown()
-'''
 
 
 @pytest.mark.distributed
@@ -106,29 +81,20 @@ distributed.shutdown()
 def test_context_parallel_training_matches_one_process(tmp_path):
     """torchrun x2 with --train.context-parallel 2 (ring attention over packed rows) == one process."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import ghostvis as gv
     from ghostvis.core.tree import flatten
     from ghostvis.train import checkpoint as ckpt
 
-    root = Path(__file__).resolve().parent.parent
-    script = tmp_path / "cp.py"
-    script.write_text(CP_SCRIPT)
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "1", str(root)],
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(script), str(tmp_path / "two"), "2", str(root)],
-                           capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    one, cfg, _, _ = ckpt.load_checkpoint(ckpt.latest(tmp_path / "one" / "r" / "checkpoints"))
-    two, _, _, _ = ckpt.load_checkpoint(ckpt.latest(tmp_path / "two" / "r" / "checkpoints"))
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / r / "r" / "metrics.jsonl").read_text().splitlines()]
+    from torchrun_training import run_training
+
+    runs = {"one": run_training(tmp_path, 1, 3, optimizer="adamw"),
+            "two": run_training(tmp_path, 2, 3, cp=2, optimizer="adamw")}
+    one, cfg, _, _ = ckpt.load_checkpoint(ckpt.latest(runs["one"] / "checkpoints"))
+    two, _, _, _ = ckpt.load_checkpoint(ckpt.latest(runs["two"] / "checkpoints"))
+    losses = [[json.loads(line)["loss"] for line in (runs[r] / "metrics.jsonl").read_text().splitlines()]
               for r in ("one", "two")]
-    assert len(losses[0]) == 4
+    assert len(losses[0]) == 5
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-6, rtol=1e-5)
     start = flatten(gv.init(cfg, seed=0))
     for k, v in flatten(one).items():
