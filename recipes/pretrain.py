@@ -85,9 +85,9 @@ def main(cfg: PretrainConfig) -> dict:
         samples = text_samples(tok, synthetic_corpus(cfg.data.docs, seed=0), seq)
     else:
         samples = load_text(cfg.data.source, tok, seq, strict=cfg.data.strict, txt_mode=cfg.data.txt_mode)
+    rank, world = data_rank(di, cfg.train)  # context-parallel ranks read the same batches
     batches = BatchIterator(samples, batch_size=cfg.train.batch_size, seq_len=seq, pad_id=tok.pad_id,
-                            seed=cfg.train.seed, rank=data_rank(di, cfg.train)[0],
-                            world_size=data_rank(di, cfg.train)[1])
+                            seed=cfg.train.seed, rank=rank, world_size=world)
     result = train(params, mcfg, batches, cfg.train, cfg.run, di)
     report = {"run_dir": str(run_dir), "final_loss": result.final_loss, "train_wall_s": round(result.wall_s, 1)}
     if di.is_main and cfg.data.source == "synthetic" and cfg.data.eval_docs > 0:
