@@ -1,4 +1,9 @@
-"""Benchmarks, one subcommand each: ``python recipes/bench.py kernels [--out DIR]``.
+"""Benchmarks, one subcommand each; every mode prints a table and writes JSON under ``--out``.
+
+    python recipes/bench.py train --preset d20      # tokens/s, MFU, peak memory vs HF and plain PyTorch
+    python recipes/bench.py decode --preset d20     # tokens/s at batch 1 and 32, bf16 and INT8, vs roofline
+    python recipes/bench.py vlm                     # multimodal SFT step: images/s and tokens/s
+    python recipes/bench.py kernels                 # the per-op table
 
 ``kernels`` times every GhostVis op forward+backward against torch eager and
 ``torch.compile`` of its reference, reports achieved bandwidth against a copy
@@ -7,7 +12,8 @@ chunked linear cross-entropy against materialised logits, and attention
 TFLOP/s per backend, dense causal and packed documents. It needs a CUDA GPU.
 Results go to ``DIR/kernels.json`` and a table on stdout.
 
-Other modes (train, decode, vlm) register themselves in ``SUBCOMMANDS``.
+``train`` and ``vlm`` live in ``recipes/bench_train.py``, ``decode`` in
+``recipes/bench_decode.py``. All modes need a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -317,13 +323,24 @@ def kernels(out: str = "bench_out", only: tuple[str, ...] = (), dtype: str = "bf
     return res
 
 
-SUBCOMMANDS: dict[str, Callable] = {"kernels": kernels}
+def _modes() -> dict:
+    """Mode name -> (config dataclass or function, runner)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_decode
+    import bench_train
+
+    return {"train": (bench_train.BenchTrain, bench_train.main), "vlm": (bench_train.BenchVLM, bench_train.vlm),
+            "decode": (bench_decode.BenchDecode, bench_decode.main), "kernels": (kernels, None)}
 
 
 def main() -> None:
     import tyro
 
-    tyro.extras.subcommand_cli_from_dict(SUBCOMMANDS)
+    modes = _modes()
+    chosen = tyro.extras.subcommand_cli_from_dict({name: spec for name, (spec, _) in modes.items()})
+    for spec, runner in modes.values():
+        if runner is not None and isinstance(chosen, spec):
+            runner(chosen)
 
 
 if __name__ == "__main__":

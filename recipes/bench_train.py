@@ -1,12 +1,18 @@
 """Training throughput: GhostVis's optimized and reference paths beside two baselines, same shapes, one process.
 
-    python recipes/bench_train.py --preset d20 --batch 16 --seq 2048
+    python recipes/bench.py train --preset d20 --batch 16 --seq 2048 [--profile]
+    python recipes/bench.py vlm --preset d12-vlm
 
-Rows: GhostVis optimized (kernels + torch.compile of the whole grad function + fused AdamW),
-GhostVis reference (plain-torch ops, eager), a plain ~100-line PyTorch Llama (nn.Modules,
-torch.compile, SDPA, fused AdamW, chunked loss) and HF ``LlamaForCausalLM`` compiled with fused AdamW.
-MFU counts ``gv.flops_per_token`` (6 * non-embedding params + 12 * layers * dim * seq) against
-989 TFLOP/s (H100 bf16 dense). Prints a table and writes JSON.
+``train`` rows: GhostVis optimized (the default path: kernels + ``torch.compile`` of the
+whole gradient function + fused AdamW), its variants (which elementwise ops inductor
+sees, stacked projections), GhostVis reference (plain-torch ops, eager), a plain
+~100-line PyTorch Llama (nn.Modules, torch.compile, SDPA, fused AdamW, chunked loss)
+and HF ``LlamaForCausalLM`` compiled with fused AdamW. MFU counts
+``gv.flops_per_token`` (6 * non-embedding params + 12 * layers * dim * seq) against
+989 TFLOP/s (H100 bf16 dense). ``--profile`` adds, per row, GPU kernel time per
+category (matmul, attention, norms/elementwise, loss, optimizer, other) from
+``torch.profiler`` over two steps. ``vlm`` times a multimodal SFT step (images/s and
+tokens/s). Each prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -14,16 +20,17 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 
 import ghostvis as gv
+from ghostvis.core.decoder import fuse_projections
 from ghostvis.train.optim import AdamW
 from ghostvis.train.step import value_and_grad
 
@@ -45,9 +52,11 @@ class BenchTrain:
     warmup: int = 3
     """Untimed steps first (compilation happens here)."""
     rows: list[str] = field(default_factory=lambda: ["ghostvis", "ghostvis-reference", "plain", "hf"])
-    """Which implementations to run."""
-    json_out: Optional[str] = None
-    """Write the results here as JSON."""
+    """Which implementations to run (see ``ROWS`` in recipes/bench_train.py)."""
+    profile: bool = False
+    """Also profile two steps per row and print GPU time per kernel category."""
+    out: str = "bench_out"
+    """Folder for ``train.json`` (created)."""
 
 
 # ----------------------------------------------------------------------------- timing
@@ -70,6 +79,48 @@ def time_steps(step: Callable[[], torch.Tensor], steps: int, warmup: int) -> tup
     return times[len(times) // 2], float(loss)
 
 
+CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
+    ("attention", r"flash|fmha|cudnn|attention|sdpa|flex"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("loss", r"cross_entropy|log_softmax|nll|_ce_|logsumexp"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|triton_tem|_mm_|matmul|splitk"),
+    ("norms/elementwise", r"triton|rms|swiglu|rope|elementwise|vectorized|reduce|silu|mul|add"),
+]
+
+
+def categorize(name: str) -> str:
+    """The profile category of a CUDA kernel name."""
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def profile_step(step: Callable[[], torch.Tensor], steps: int = 2) -> dict:
+    """GPU kernel milliseconds per step by category, plus the step's wall time and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    by_cat: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = evt.time_range.elapsed_us() / 1e3 / steps
+        by_cat[categorize(evt.name)] = by_cat.get(categorize(evt.name), 0.0) + ms
+        by_name[evt.name] = by_name.get(evt.name, 0.0) + ms
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_ms": 1e3 * wall, "kernel_ms": sum(by_cat.values()), "by_category_ms": by_cat,
+            "top_kernels_ms": [(n[:90], round(t, 3)) for n, t in top]}
+
+
 def random_batch(cfg: gv.ModelConfig, b: int, t: int, device="cuda") -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(0, cfg.text.vocab_size, (b, t + 1), generator=g).to(device)
@@ -79,21 +130,45 @@ def random_batch(cfg: gv.ModelConfig, b: int, t: int, device="cuda") -> dict:
 
 # ----------------------------------------------------------------------------- GhostVis
 
+# elementwise ops handed to inductor as plain torch (it fuses them with their neighbours)
+INDUCTOR_OPS = {"rms_norm": "reference", "swiglu": "reference", "rope": "reference"}
 
-def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, reference: bool) -> Callable:
-    params = gv.flatten(gv.init(cfg, seed=0, device="cuda", dtype=torch.bfloat16))
+# name -> (compiled, which ops, stacked q/k/v and gate/up weights)
+ROWS = {
+    "ghostvis": (True, "default", False),
+    "ghostvis-triton": (True, "triton", False),
+    "ghostvis-inductor": (True, "inductor", False),
+    "ghostvis-triton-fused": (True, "triton", True),
+    "ghostvis-inductor-fused": (True, "inductor", True),
+    "ghostvis-reference": (False, "reference", False),
+}
+
+
+def ops_context(which: str):
+    """The dispatch setting a row runs under."""
+    if which == "reference":
+        return gv.ops.use(all="reference")
+    if which == "inductor":
+        return gv.ops.use(**INDUCTOR_OPS)
+    if which == "triton":
+        return gv.ops.use(rms_norm="triton", swiglu="triton", rope="triton")
+    return gv.ops.use()
+
+
+def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, which: str, fused: bool) -> Callable:
+    params = gv.init(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
+    if fused:
+        params = {**params, "text": fuse_projections(params["text"])}
+    params = gv.flatten(params)
     opt = AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
     state = opt.init(params)
     grad_fn = value_and_grad(cfg, {}, select=False)
     if compiled:
         grad_fn = torch.compile(grad_fn)
-    normalizer = torch.tensor(float(batch["targets"].numel()), device="cuda")
+    normalizer = (batch["targets"] != -100).sum().float()
 
     def step():
-        if reference:
-            with gv.ops.use(all="reference"):
-                grads, loss = grad_fn(params, batch, normalizer)
-        else:
+        with ops_context(which):
             grads, loss = grad_fn(params, batch, normalizer)
         opt.update(params, grads, state, 0)
         return loss
@@ -189,55 +264,150 @@ def hf_step(cfg: gv.ModelConfig, batch: dict) -> Callable:
     return module_step(model, batch, lambda m, b: m(input_ids=b["tokens"], labels=labels).loss)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- runner
+
+
+def run_rows(builders: dict[str, Callable[[], Callable]], names: list[str], steps: int, warmup: int,
+             profile: bool, extra: Callable[[float], dict]) -> list[dict]:
+    """Build and time each named step (fresh memory stats and compile caches per row); errors are rows too."""
+    results = []
+    for name in names:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch._dynamo.reset()
+        row = {"impl": name}
+        try:
+            if name not in builders:
+                raise KeyError(f"unknown row {name!r}; choose from {sorted(builders)}")
+            t0 = time.perf_counter()
+            step = builders[name]()
+            sec, loss = time_steps(step, steps, warmup)
+            row |= {"sec_per_step": sec, **extra(sec), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    "loss": loss, "wall_s": time.perf_counter() - t0}
+            if profile:
+                row["profile"] = profile_step(step)
+        except torch.cuda.OutOfMemoryError:
+            row |= {"error": "out of memory"}
+        except Exception as e:  # a row that fails is reported, not fatal
+            row |= {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        step = None
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
+
+
+def print_profiles(results: list[dict]) -> None:
+    """One line per row: ms per step by category, and the share of the step it is."""
+    cats = ["matmul", "attention", "norms/elementwise", "loss", "optimizer", "other"]
+    print(f"\n{'GPU ms/step':<24}" + "".join(f"{c:>19}" for c in cats) + f"{'kernels':>10}{'wall':>9}")
+    for r in results:
+        p = r.get("profile")
+        if not p:
+            continue
+        ms = [p["by_category_ms"].get(c, 0.0) for c in cats]
+        cells = "".join(f"{m:>10.1f} ({100 * m / p['wall_ms']:>4.1f}%)" for m in ms)
+        print(f"{r['impl']:<24}{cells}{p['kernel_ms']:>10.1f}{p['wall_ms']:>9.1f}")
+
+
+def write_json(out: str, name: str, payload) -> None:
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(payload, f, indent=1)
 
 
 def main(args: BenchTrain) -> list[dict]:
     if not torch.cuda.is_available():
-        raise SystemExit("bench_train needs a CUDA device")
+        raise SystemExit("bench train needs a CUDA device")
     cfg = gv.presets.get(args.preset)
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, max_seq_len=max(cfg.text.max_seq_len, args.seq)))
     batch = random_batch(cfg, args.batch, args.seq)
     fpt = gv.flops_per_token(cfg, args.seq)
     tokens = args.batch * args.seq
-    builders = {
-        "ghostvis": lambda: ghostvis_step(cfg, batch, compiled=True, reference=False),
-        "ghostvis-reference": lambda: ghostvis_step(cfg, batch, compiled=False, reference=True),
-        "plain": lambda: plain_step(cfg, batch),
-        "hf": lambda: hf_step(cfg, batch),
-    }
-    results = []
-    for name in args.rows:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        row = {"impl": name, "preset": args.preset, "batch": args.batch, "seq": args.seq}
-        try:
-            t0 = time.perf_counter()
-            step = builders[name]()
-            sec, loss = time_steps(step, args.steps, args.warmup)
-            row |= {"sec_per_step": sec, "tokens_per_s": tokens / sec, "mfu": fpt * tokens / sec / PEAK_FLOPS,
-                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss,
-                    "wall_s": time.perf_counter() - t0}
-        except torch.cuda.OutOfMemoryError:
-            row |= {"error": "out of memory"}
-        except Exception as e:  # a baseline that fails is reported, not fatal
-            row |= {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        step = None
-        results.append(row)
-        print(json.dumps(row), flush=True)
+    builders = {name: (lambda c=c, w=w, f=f: ghostvis_step(cfg, batch, compiled=c, which=w, fused=f))
+                for name, (c, w, f) in ROWS.items()}
+    builders |= {"plain": lambda: plain_step(cfg, batch), "hf": lambda: hf_step(cfg, batch)}
+    results = run_rows(builders, args.rows, args.steps, args.warmup, args.profile,
+                       lambda sec: {"tokens_per_s": tokens / sec, "mfu": fpt * tokens / sec / PEAK_FLOPS})
+    for r in results:
+        r |= {"preset": args.preset, "batch": args.batch, "seq": args.seq, "device": torch.cuda.get_device_name()}
     print(f"\n{args.preset}, {args.batch} x {args.seq} tokens/step, bf16, {torch.cuda.get_device_name()}")
-    print(f"{'impl':<20} {'tok/s':>10} {'MFU':>7} {'peak GiB':>9}")
+    print(f"{'impl':<24} {'tok/s':>10} {'MFU':>7} {'peak GiB':>9}")
     for r in results:
         if "error" in r:
-            print(f"{r['impl']:<20} {r['error']}")
+            print(f"{r['impl']:<24} {r['error']}")
         else:
-            print(f"{r['impl']:<20} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% {r['peak_gib']:>9.1f}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(results, f, indent=1)
+            print(f"{r['impl']:<24} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% {r['peak_gib']:>9.1f}")
+    print_profiles(results)
+    write_json(args.out, f"train_{args.preset}.json", results)
     return results
 
 
-if __name__ == "__main__":
-    main(tyro.cli(BenchTrain))
+# ----------------------------------------------------------------------------- vlm
+
+
+@dataclass
+class BenchVLM:
+    """Images/s and tokens/s of a multimodal SFT step (vision encoder + connector + decoder, all trained)."""
+
+    preset: str = "d12-vlm"
+    """VLM preset (d12-vlm: SigLIP-B/16 at 224 px, 196 image tokens, d12 decoder)."""
+    batch: int = 16
+    """Rows per step, one image each."""
+    seq: int = 1024
+    """Tokens per row (image placeholders included)."""
+    steps: int = 10
+    """Timed steps."""
+    warmup: int = 3
+    """Untimed steps first."""
+    rows: list[str] = field(default_factory=lambda: ["ghostvis", "ghostvis-eager"])
+    """ghostvis (compiled), ghostvis-eager (kernels, no compile), ghostvis-reference (plain-torch ops, eager)."""
+    profile: bool = False
+    """Also print GPU time per kernel category."""
+    out: str = "bench_out"
+    """Folder for ``vlm.json``."""
+
+
+def vlm_batch(cfg: gv.ModelConfig, b: int, t: int, device="cuda") -> dict:
+    """Random rows whose first ``num_image_tokens`` positions are one image's placeholders (unsupervised)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n = cfg.num_image_tokens
+    tokens = torch.randint(8, cfg.text.vocab_size, (b, t + 1), generator=g)
+    tokens[:, :n] = cfg.image_token_id
+    targets = tokens[:, 1:].clone()
+    targets[:, : n - 1] = -100
+    side = cfg.vision.image_size
+    images = torch.rand(b, 3, side, side, generator=g) * 2 - 1
+    return {"tokens": tokens[:, :-1].contiguous().to(device), "targets": targets.to(device), "positions": None,
+            "doc_ids": None, "images": images.to(device, torch.bfloat16)}
+
+
+def vlm(args: BenchVLM) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench vlm needs a CUDA device")
+    cfg = gv.presets.get(args.preset)
+    if not cfg.is_vlm:
+        raise SystemExit(f"preset {args.preset!r} has no vision encoder")
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, max_seq_len=max(cfg.text.max_seq_len, args.seq)))
+    batch = vlm_batch(cfg, args.batch, args.seq)
+    builders = {"ghostvis": lambda: ghostvis_step(cfg, batch, compiled=True, which="default", fused=False),
+                "ghostvis-eager": lambda: ghostvis_step(cfg, batch, compiled=False, which="default", fused=False),
+                "ghostvis-reference": lambda: ghostvis_step(cfg, batch, compiled=False, which="reference",
+                                                            fused=False)}
+    tokens = args.batch * args.seq
+    results = run_rows(builders, args.rows, args.steps, args.warmup, args.profile,
+                       lambda sec: {"images_per_s": args.batch / sec, "tokens_per_s": tokens / sec})
+    print(f"\n{args.preset}, {args.batch} rows x {args.seq} tokens, 1 image of {cfg.vision.image_size} px "
+          f"({cfg.num_image_tokens} tokens) per row, bf16, {torch.cuda.get_device_name()}")
+    print(f"{'impl':<24} {'images/s':>9} {'tok/s':>10} {'ms/step':>8} {'peak GiB':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['impl']:<24} {r['error']}")
+        else:
+            print(f"{r['impl']:<24} {r['images_per_s']:>9.0f} {r['tokens_per_s']:>10.0f} "
+                  f"{1e3 * r['sec_per_step']:>8.1f} {r['peak_gib']:>9.1f}")
+    print_profiles(results)
+    write_json(args.out, "vlm.json", results)
+    return results

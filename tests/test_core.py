@@ -282,3 +282,26 @@ def test_tree_flatten_unflatten_roundtrip():
     assert list(again) == list(flat)
     with pytest.raises(ValueError, match="dot-free"):
         gv.flatten({"a.b": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("kw", [{}, {"qkv_bias": True, "qk_norm": True}])
+def test_fused_projection_layout_gives_the_same_logits_and_grads(kw):
+    from ghostvis.core.decoder import fuse_projections
+
+    cfg = ModelConfig(text=small_text(**kw))
+    params = perturb(gv.init(cfg, seed=0))
+    fused = {**params, "text": fuse_projections(params["text"])}
+    layer = fused["text"]["layers"][0]
+    assert "wqkv" in layer["attn"] and "wq" not in layer["attn"] and "w_gate_up" in layer["mlp"]
+    assert ("bqkv" in layer["attn"]) == bool(kw)
+    tokens = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(gv.forward(fused, cfg, tokens), gv.forward(params, cfg, tokens), atol=1e-5, rtol=1e-5)
+    assert fuse_projections(fused["text"])["layers"][0]["attn"]["wqkv"] is layer["attn"]["wqkv"]  # idempotent
+    # gradients of the stacked weight are the stacked gradients of the separate ones
+    loss = lambda p: gv.forward(p, cfg, tokens).float().square().mean()  # noqa: E731
+    g_sep = torch.func.grad(loss)(params)["text"]["layers"][0]
+    g_fus = torch.func.grad(loss)(fused)["text"]["layers"][0]
+    torch.testing.assert_close(g_fus["attn"]["wqkv"], torch.cat([g_sep["attn"][k] for k in ("wq", "wk", "wv")]),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g_fus["mlp"]["w_gate_up"], torch.cat([g_sep["mlp"]["w_gate"], g_sep["mlp"]["w_up"]]),
+                               atol=1e-5, rtol=1e-4)

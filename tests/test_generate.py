@@ -183,3 +183,25 @@ def test_cuda_graph_decode_equals_eager():
     assert graphed == eager == ref
     a = generate(params, cfg, prompts, images, max_new_tokens=16, temperature=0.8, top_k=50, seed=7)
     assert a == generate(params, cfg, prompts, images, max_new_tokens=16, temperature=0.8, top_k=50, seed=7)
+
+
+def test_compiled_decode_equals_eager_with_stops(text_model):
+    """compile=True (stacked projections, torch.compile'd step, rounded cache) gives the eager tokens."""
+    params, cfg = text_model
+    prompts = [[11, 12, 13, 14, 15, 16, 17], [20], [30, 31, 32]]
+    eager = generate(params, cfg, prompts, max_new_tokens=12)
+    stop = [eager[1][3]]  # row 1 stops early; the others continue past it
+    expect = generate(params, cfg, prompts, max_new_tokens=12, stop_ids=stop)
+    assert generate(params, cfg, prompts, max_new_tokens=12, stop_ids=stop, compile=True) == expect
+    assert generate(params, cfg, prompts, max_new_tokens=12, compile=True) == eager
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graph_decode_equals_uncached():
+    cfg = gv.presets.get("tiny")
+    params = gv.init(cfg, seed=3, device="cuda")
+    prompts = [[1, 4, 60, 61, 62, 7, 5], [9, 8]]
+    ref = [generate_uncached(params, cfg, p, max_new_tokens=16) for p in prompts]
+    assert generate(params, cfg, prompts, max_new_tokens=16, compile=True) == ref
+    q = gv.quantize(params, "int8")
+    assert generate(q, cfg, prompts, max_new_tokens=16, compile=True) == generate(q, cfg, prompts, max_new_tokens=16)

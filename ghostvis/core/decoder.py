@@ -14,6 +14,11 @@ Layout of ``params["text"]`` (weights are ``[out, in]``, like ``nn.Linear``)::
     norm             [dim]
     lm_head          [vocab, dim]  (absent when tie_embeddings)
 
+:func:`fuse_projections` gives the same model in a serving layout: ``attn.wqkv``
+(``wq``, ``wk``, ``wv`` stacked along the output dim, biases likewise as ``bqkv``)
+and ``mlp.w_gate_up``, so a block runs one matmul where it ran three and two. The
+blocks accept either layout; checkpoints and HF interop keep the separate one.
+
 Nothing here holds state. The optional KV cache is a pair of preallocated
 buffers per layer that :func:`attention_block` writes in place at ``cache_pos``
 (the one documented exception, like a donated buffer in JAX).
@@ -74,6 +79,39 @@ def project(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     return ops.linear(x, w, b)
 
 
+def fuse_projections(params: dict) -> dict:
+    """The text params with q/k/v and gate/up weights stacked into one matrix each (see module docstring).
+
+    INT8 weights (dicts of ``q`` and ``scale``) are stacked too. The stacked tensors
+    are new memory; ``params`` is left untouched.
+    """
+    def stack(ws):
+        if isinstance(ws[0], dict):
+            return {key: torch.cat([w[key] for w in ws]) for key in ws[0]}
+        return torch.cat(ws)
+
+    layers = []
+    for lp in params["layers"]:
+        attn = {k: v for k, v in lp["attn"].items() if k not in ("wq", "wk", "wv", "bq", "bk", "bv")}
+        if "wqkv" not in lp["attn"]:
+            attn["wqkv"] = stack([lp["attn"]["wq"], lp["attn"]["wk"], lp["attn"]["wv"]])
+            if "bq" in lp["attn"]:
+                attn["bqkv"] = torch.cat([lp["attn"]["bq"], lp["attn"]["bk"], lp["attn"]["bv"]])
+        mlp = {k: v for k, v in lp["mlp"].items() if k not in ("w_gate", "w_up")}
+        if "w_gate_up" not in lp["mlp"]:
+            mlp["w_gate_up"] = stack([lp["mlp"]["w_gate"], lp["mlp"]["w_up"]])
+        layers.append({**lp, "attn": attn, "mlp": mlp})
+    return {**params, "layers": layers}
+
+
+def qkv(p: dict, cfg: TextConfig, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q ``[B, T, Hq*hd]``, k and v ``[B, T, Hkv*hd]`` of normalised ``x``, from either layout."""
+    if "wqkv" in p:
+        nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        return project(x, p["wqkv"], p.get("bqkv")).split([nq, nk, nk], dim=-1)
+    return project(x, p["wq"], p.get("bq")), project(x, p["wk"], p.get("bk")), project(x, p["wv"], p.get("bv"))
+
+
 def attention_block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, *,
                     doc_ids: Optional[Tensor] = None, kv_cache: Optional[tuple[Tensor, Tensor]] = None,
                     cache_pos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
@@ -86,9 +124,10 @@ def attention_block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tenso
     """
     b, t, _ = x.shape
     hd = cfg.head_dim
-    q = project(x, p["wq"], p.get("bq")).view(b, t, cfg.n_heads, hd).transpose(1, 2)
-    k = project(x, p["wk"], p.get("bk")).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-    v = project(x, p["wv"], p.get("bv")).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+    q, k, v = qkv(p, cfg, x)
+    q = q.reshape(b, t, cfg.n_heads, hd).transpose(1, 2)
+    k = k.reshape(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+    v = v.reshape(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
     if cfg.qk_norm:
         q = ops.rms_norm(q, p["q_norm"], cfg.norm_eps)
         k = ops.rms_norm(k, p["k_norm"], cfg.norm_eps)
@@ -105,8 +144,12 @@ def attention_block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tenso
 
 
 def mlp_block(p: dict, x: Tensor) -> Tensor:
-    """SwiGLU MLP on already-normalised ``x``."""
-    return project(ops.swiglu(project(x, p["w_gate"]), project(x, p["w_up"])), p["w_down"])
+    """SwiGLU MLP on already-normalised ``x`` (separate or stacked gate/up weights)."""
+    if "w_gate_up" in p:
+        gate, up = project(x, p["w_gate_up"]).chunk(2, dim=-1)
+    else:
+        gate, up = project(x, p["w_gate"]), project(x, p["w_up"])
+    return project(ops.swiglu(gate, up), p["w_down"])
 
 
 def block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, **attn_kw) -> Tensor:

@@ -13,6 +13,13 @@ On CUDA the decode step (embedding, all blocks, LM head) is captured once as
 a CUDA graph and replayed for every token, so small-batch decoding is not
 bound by Python and kernel launches. Shapes are static within a generation,
 so one capture serves all of its steps. On the CPU the same step runs eagerly.
+
+``compile=True`` also runs the step through ``torch.compile`` before capture
+(inductor fuses the norms, RoPE and attention softmax between the matmuls), and
+the q/k/v and gate/up weights are stacked once per call
+(:func:`ghostvis.core.decoder.fuse_projections`) so each block runs one matmul
+for each. The host never waits for the step it just launched: the next step is
+queued before the tokens of the current one are read back.
 """
 
 from __future__ import annotations
@@ -90,23 +97,36 @@ def decode_step(params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid:
     return _decoder.logits(params["text"], h[:, 0]).float()
 
 
-def eager_step(params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor) -> Step:
-    """``step(tokens, slot) -> logits`` running :func:`decode_step` op by op."""
+def eager_step(fn: Callable, params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor) -> Step:
+    """``step(tokens, slot) -> logits`` calling ``fn`` (:func:`decode_step` or its compiled form) directly."""
     def step(tokens: Tensor, slot: int) -> Tensor:
-        return decode_step(params, cfg, cache, pad, valid, tokens, torch.tensor([slot], device=tokens.device))
+        return fn(params, cfg, cache, pad, valid, tokens, torch.tensor([slot], device=tokens.device))
     return step
 
 
-def cuda_graph_step(params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor) -> Step:
+_COMPILED: dict = {}
+
+
+def compiled_decode_step() -> Callable:
+    """:func:`decode_step` under ``torch.compile`` (built once; recompiles only for new shapes)."""
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _COMPILED["step"]
+
+
+def cuda_graph_step(params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor, *,
+                    compile: bool = False) -> Step:
     """``step(tokens, slot) -> logits`` that captures :func:`decode_step` as a CUDA graph on first use.
 
     Inputs are copied into static buffers and the graph replayed; the returned
     logits live in the graph's static output (valid until the next call).
+    ``compile`` captures the ``torch.compile``-d step instead of the eager one.
     """
     device = pad.device
     static_tokens = torch.zeros(pad.shape[0], dtype=torch.long, device=device)
     static_slot = torch.zeros(1, dtype=torch.long, device=device)
-    run = lambda: decode_step(params, cfg, cache, pad, valid, static_tokens, static_slot)  # noqa: E731
+    fn = compiled_decode_step() if compile else decode_step
+    run = lambda: fn(params, cfg, cache, pad, valid, static_tokens, static_slot)  # noqa: E731
     graph, out = None, None
 
     def step(tokens: Tensor, slot: int) -> Tensor:
@@ -135,7 +155,7 @@ def stream(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
            images: Optional[Sequence[Sequence[Tensor]]] = None, *, max_new_tokens: int = 64,
            stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, seed: Optional[int] = None,
-           cuda_graph: Optional[bool] = None) -> Iterator[list[Optional[int]]]:
+           cuda_graph: Optional[bool] = None, compile: bool = False) -> Iterator[list[Optional[int]]]:
     """Generate token by token: yields, per decoding step, one entry per prompt.
 
     An entry is the new token id of that row, or None once the row has stopped
@@ -153,26 +173,46 @@ def stream(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     n_new = min(max_new_tokens, cfg.text.max_seq_len - longest)
     if n_new <= 0:
         return
+    # compiled steps recompile per cache shape: round the slots up so nearby lengths share one
     slots = longest + n_new
+    if compile:
+        slots = min(-(-slots // 256) * 256, max(cfg.text.max_seq_len, slots))
     pad_id = 0 if cfg.image_token_id != 0 else 1  # any id that is not an image placeholder
     tokens, pad = left_pad([list(p) for p in prompts], pad_id, device)
     valid = key_valid(pad, slots)
     cache = init_kv_cache(cfg.text, len(prompts), slots, device=device, dtype=dtype)
     logits = prefill(params, cfg, tokens, pad, valid, cache, stack_images(images, device, dtype))
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-    step = (cuda_graph_step if use_graph else eager_step)(params, cfg, cache, pad, valid)
+    if compile:
+        params = {**params, "text": _decoder.fuse_projections(params["text"])}
+    if use_graph:
+        step = cuda_graph_step(params, cfg, cache, pad, valid, compile=compile)
+    else:
+        step = eager_step(compiled_decode_step() if compile else decode_step, params, cfg, cache, pad, valid)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    on_cuda = device.type == "cuda"
+    readback = torch.empty((2, len(prompts)), dtype=torch.long, pin_memory=on_cuda)
     for i in range(n_new):
         nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        done_before = done.clone()
-        done |= torch.isin(nxt, stop)
-        yield [None if d else t for t, d in zip(nxt.tolist(), done.tolist())]
-        if i == n_new - 1 or bool(done.all()):
+        finished = done | torch.isin(nxt, stop)
+        readback.copy_(torch.stack([nxt, finished.long()]), non_blocking=on_cuda)
+        ready = None
+        if on_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        if i < n_new - 1:
+            # queue the next step before reading this one back, so the GPU never waits for the host;
+            # finished rows keep decoding (static shapes) on a harmless token
+            logits = step(torch.where(done, pad_id, nxt), longest + i)
+        if ready is not None:
+            ready.synchronize()
+        ids, stopped = readback.tolist()
+        yield [None if d else t for t, d in zip(ids, stopped)]
+        if all(stopped):
             return
-        # finished rows keep decoding (static shapes); feed them a harmless token
-        logits = step(torch.where(done_before, pad_id, nxt), longest + i)
+        done = finished
 
 
 def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
@@ -180,7 +220,7 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
              stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: Optional[int] = None,
              on_token: Optional[Callable[[int, int], None]] = None,
-             cuda_graph: Optional[bool] = None) -> list[list[int]]:
+             cuda_graph: Optional[bool] = None, compile: bool = False) -> list[list[int]]:
     """Continue each prompt; returns the generated ids only (no prompt, no stop token).
 
     Args:
@@ -195,10 +235,13 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         seed: seeds the sampler, so the same call gives the same tokens (on the same device).
         on_token: called as ``on_token(row, token_id)`` for every generated token, as it comes.
         cuda_graph: capture the decode step as a CUDA graph (default: on for CUDA params).
+        compile: ``torch.compile`` the decode step (stacked projections, fused elementwise ops);
+            the first call per shape pays the compile time, later calls reuse it.
     """
     out: list[list[int]] = [[] for _ in prompts]
     for tokens in stream(params, cfg, prompts, images, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, cuda_graph=cuda_graph):
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, cuda_graph=cuda_graph,
+                         compile=compile):
         for row, t in enumerate(tokens):
             if t is not None:
                 out[row].append(t)
