@@ -35,7 +35,8 @@ class BenchDecode:
     new_tokens: int = 256
     """Generated tokens per row (no stop token: every row runs to the end)."""
     rows: list[str] = field(default_factory=lambda: ["bf16", "int8", "bf16-eager", "plain", "hf"])
-    """Which to run: bf16 / int8 (compiled step), bf16-eager / int8-eager (eager ops captured), plain, hf."""
+    """Which to run: bf16 / int8 (compiled step), bf16-inductor (compiled, plain-torch elementwise ops and
+    attention), bf16-eager / int8-eager (eager ops captured), plain, hf."""
     profile: bool = False
     """Profile one decode step per GhostVis row (GPU time per kernel category)."""
     out: str = "bench_out"
@@ -65,16 +66,21 @@ def _prompts(cfg, batch: int, length: int) -> list[list[int]]:
     return torch.randint(8, cfg.text.vocab_size, (batch, length), generator=g).tolist()
 
 
-def time_generate(params, cfg, batch: int, args: BenchDecode, compile: bool) -> float:
-    """Generated tokens/s of one whole ``generate`` call (after a warm-up call of the same shapes)."""
+def time_generate(params, cfg, batch: int, args: BenchDecode, compile: bool) -> tuple[float, float]:
+    """Tokens/s of one whole ``generate`` call (after a warm-up call of the same shapes), and of its
+    decoding alone (first token out to last, i.e. without prefill and graph capture)."""
     prompts = _prompts(cfg, batch, args.prompt_len)
     gv.generate(params, cfg, prompts, max_new_tokens=args.new_tokens, compile=compile)  # warm-up (compiles)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = gv.generate(params, cfg, prompts, max_new_tokens=args.new_tokens, compile=compile)
+    n, t_first = 0, None
+    for step in gv.stream(params, cfg, prompts, max_new_tokens=args.new_tokens, compile=compile):
+        n += sum(t is not None for t in step)
+        if t_first is None:
+            t_first = time.perf_counter()
     torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return sum(len(o) for o in out) / dt
+    t1 = time.perf_counter()
+    return n / (t1 - t0), (n - batch) / (t1 - t_first)
 
 
 def profile_decode(params, cfg, batch: int, compile: bool, slots: int = 512) -> dict:
@@ -206,6 +212,8 @@ def main(args: BenchDecode) -> list[dict]:
         raise SystemExit("bench decode needs a CUDA device")
     from bench_train import write_json
 
+    from ghostvis.infer import generate as generate_mod
+
     cfg = gv.presets.get(args.preset)
     params = gv.init(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
     quantized = None
@@ -216,7 +224,12 @@ def main(args: BenchDecode) -> list[dict]:
         if int8 and quantized is None:
             quantized = gv.quantize(params, "int8")
         p = quantized if int8 else params
-        compile = row in ("bf16", "int8")
+        compile = row in ("bf16", "int8", "bf16-inductor")
+        generate_mod.COMPILED_DECODE_OPS.clear()
+        if row == "bf16-inductor":  # the elementwise ops and attention as plain torch, for inductor to fuse
+            generate_mod.COMPILED_DECODE_OPS.update(rms_norm="reference", swiglu="reference", rope="reference",
+                                                    attention="reference")
+        torch._dynamo.reset()
         roof = bw / param_bytes(p)
         for b in args.batches:
             r = {"impl": row, "preset": args.preset, "batch": b, "roofline_tok_s_per_seq": roof,
@@ -227,7 +240,7 @@ def main(args: BenchDecode) -> list[dict]:
                 elif row == "plain":
                     r["tokens_per_s"] = time_plain(cfg, b, args)
                 else:
-                    r["tokens_per_s"] = time_generate(p, cfg, b, args, compile)
+                    r["tokens_per_s"], r["decode_tokens_per_s"] = time_generate(p, cfg, b, args, compile)
                     if args.profile:
                         r["profile"] = profile_decode(p, cfg, b, compile)
             except Exception as e:
@@ -236,16 +249,19 @@ def main(args: BenchDecode) -> list[dict]:
             print(json.dumps(r), flush=True)
     print(f"\n{args.preset} decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"{'impl':<11} {'batch':>5} {'tok/s':>9} {'% roofline (per seq)':>21} {'step ms':>8} {'LM head ms':>10}")
+    print(f"{'impl':<14} {'batch':>5} {'tok/s':>9} {'decode tok/s':>13} {'% roofline (per seq)':>21} "
+          f"{'step ms':>8} {'LM head ms':>10}")
     for r in results:
         if "error" in r:
-            print(f"{r['impl']:<11} {r['batch']:>5} {r['error']}")
+            print(f"{r['impl']:<14} {r['batch']:>5} {r['error']}")
             continue
         per_seq = r["tokens_per_s"] / r["batch"]
         prof = r.get("profile", {})
         step = f"{prof['step_ms_graph_replay']:.3f}" if prof else "-"
         head = f"{prof['lm_head_ms']:.3f}" if prof else "-"
-        print(f"{r['impl']:<11} {r['batch']:>5} {r['tokens_per_s']:>9.0f} "
+        dec = r.get("decode_tokens_per_s")
+        dec = f"{dec:.0f}" if dec else "-"
+        print(f"{r['impl']:<14} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {dec:>13} "
               f"{100 * per_seq / r['roofline_tok_s_per_seq']:>20.1f}% {step:>8} {head:>10}")
     for r in results:
         if r.get("profile"):

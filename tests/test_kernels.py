@@ -260,7 +260,7 @@ def test_chunk_rows_bounds_the_logits():
 
 @pytest.mark.parametrize("device,dtype", CASES)
 @budget
-@given(m=st.sampled_from([1, 3, 17, 70]), k=st.sampled_from([8, 40, 200]), n=st.sampled_from([1, 30, 130]),
+@given(m=st.sampled_from([1, 3, 17, 70]), k=st.sampled_from([8, 40, 200, 1100]), n=st.sampled_from([1, 30, 130]),
        has_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_int8_linear_matches_float64(device, dtype, m, k, n, has_bias, seed):
     skip_without(device)

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .. import ops
 from ..core import decoder as _decoder
 from ..core.config import ModelConfig
 from ..core.model import ImageTokenMismatch, embed, encode_images, forward
@@ -105,12 +106,20 @@ def eager_step(fn: Callable, params: dict, cfg: ModelConfig, cache: list, pad: T
 
 
 _COMPILED: dict = {}
+# op backends the compiled step is traced with (``ghostvis.ops.use`` keywords); empty = the usual choice
+COMPILED_DECODE_OPS: dict[str, str] = {}
 
 
 def compiled_decode_step() -> Callable:
     """:func:`decode_step` under ``torch.compile`` (built once; recompiles only for new shapes)."""
     if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(decode_step, fullgraph=True, dynamic=False)
+        compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+
+        def step(*args):
+            with ops.use(**COMPILED_DECODE_OPS):
+                return compiled(*args)
+
+        _COMPILED["step"] = step
     return _COMPILED["step"]
 
 

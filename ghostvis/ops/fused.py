@@ -302,7 +302,15 @@ def rope_ok(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
 
 def _int8_blocks(m: int) -> tuple[int, int, int]:
     # decode (few rows) is bound by reading the weight: narrow N tiles give more programs to read it
-    return (16, 32, 256) if m <= 16 else (64, 128, 64)
+    if m <= 16:
+        return 16, 32, 256
+    return (triton.next_power_of_2(m), 32, 128) if m <= 64 else (64, 128, 64)
+
+
+def _gemv_blocks(n: int) -> tuple[int, int]:
+    # about two programs per SM or more, so the weight streams from every SM at once
+    block_n = max(4, min(16, triton.next_power_of_2(max(1, n // 512))))
+    return block_n, (1024 if block_n <= 8 else 512)
 
 
 @torch.library.custom_op("ghostvis::int8_linear", mutates_args=())
@@ -315,6 +323,13 @@ def int8_linear_fwd(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optiona
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     y2 = y.view(m, n)
+    if m == 1:
+        bn, bk = _gemv_blocks(n)
+        K.int8_gemv.on(x)[(triton.cdiv(n, bn),)](
+            x2, weight_int8, scale, bias if bias is not None else scale, y2, n, k,
+            x2.stride(1), weight_int8.stride(0), weight_int8.stride(1),
+            HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        return y
     bm, bn, bk = _int8_blocks(m)
     # the interpreter's bf16 dot is wrong, and float32 inputs want an exact (not tf32) dot
     upcast = not x.is_cuda

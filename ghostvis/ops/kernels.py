@@ -299,3 +299,23 @@ def int8_matmul(X, W, SCALE, BIAS, Y, M, N, K, sx_m, sx_k, sw_n, sw_k, sy_m, sy_
         y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rm[:, None] * sy_m + rn[None, :] * sy_n, y.to(Y.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@kernel
+def int8_gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, sw_n, sw_k,
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one row of x (batch-1 decode): no tensor-core tile to fill, so each program reads a
+    # narrow strip of the INT8 weight and reduces it in fp32; many programs keep the loads in flight
+    pid = tl.program_id(0)
+    rn = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(X + kk * sx_k, mask=kk < K, other=0.0).to(tl.float32)
+        w = tl.load(W + rn[:, None] * sw_n + kk[None, :] * sw_k, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    y = acc * tl.load(SCALE + rn, mask=rn < N, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
