@@ -116,7 +116,7 @@ def profile_step(step: Callable[[], torch.Tensor], steps: int = 2) -> dict:
         ms = evt.time_range.elapsed_us() / 1e3 / steps
         by_cat[categorize(evt.name)] = by_cat.get(categorize(evt.name), 0.0) + ms
         by_name[evt.name] = by_name.get(evt.name, 0.0) + ms
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:40]
     return {"wall_ms": 1e3 * wall, "kernel_ms": sum(by_cat.values()), "by_category_ms": by_cat,
             "top_kernels_ms": [(n[:90], round(t, 3)) for n, t in top]}
 
