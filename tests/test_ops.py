@@ -220,3 +220,15 @@ def test_gpu_auto_choice_packed_uses_flex():
     assert dispatch.choose("attention", q, q, q, doc_ids=ids).name == "flex"
     expected = "flash_attn" if attn.flash_attn_module() is not None else "sdpa"
     assert dispatch.choose("attention", q, q, q).name == expected
+
+
+def test_block_mask_cache_works_inside_torch_func_grad():
+    # tensors made inside a torch.func transform have no storage to key the cache by
+    ids = doc_ids_from_lengths([[64, 64, 128]])
+
+    def f(w, ids):
+        bm = attn.document_block_mask(ids * 1, 256, 256, batch=1, device=ids.device)
+        return (w * bm.kv_num_blocks.sum()).sum()
+
+    n_blocks = attn.document_block_mask(ids, 256, 256, batch=1, device=ids.device).kv_num_blocks.sum()
+    torch.testing.assert_close(torch.func.grad(f)(torch.ones(3), ids), torch.full((3,), float(n_blocks)))

@@ -84,10 +84,17 @@ def document_block_mask(doc_ids: Optional[Tensor], tq: int, tk: int, *, causal: 
     layers of one step share it; a new step's new tensor builds a new one.
     """
     def ident(t):
-        return None if t is None else (id(t), t.data_ptr(), t._version, tuple(t.shape))
+        if t is None:
+            return None
+        try:
+            ptr = t.data_ptr()
+        except RuntimeError:  # a tensor without storage (a transform's wrapper): identity alone
+            ptr = None
+        return id(t), ptr, t._version, tuple(t.shape)
 
-    key = (ident(doc_ids), ident(key_valid), tq, tk, causal, batch, str(device))
+    # under torch.compile the inputs are fake tensors: no cache, the mask is built inside the graph
     compiling = torch.compiler.is_compiling()
+    key = None if compiling else (ident(doc_ids), ident(key_valid), tq, tk, causal, batch, str(device))
     if not compiling and key in _BLOCK_MASKS:
         return _BLOCK_MASKS[key][0]
     _, create_block_mask = _flex()
