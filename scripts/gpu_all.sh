@@ -2,8 +2,9 @@
 # Every GPU benchmark of BENCHMARKS.md on one 4-GPU host, in two calls of under 10 minutes each.
 # Single-GPU jobs run side by side on different cards (each has a card to itself); multi-GPU
 # jobs run alone. Usage: OUT=/some/dir PHASE=1 scripts/gpu_all.sh, then PHASE=2.
-#   PHASE=1: dp on 1 GPU | bench train d20 | bench decode d20, then packing | remat; then dp on 2 GPUs | ring on 2
+#   PHASE=1: dp on 1 GPU | bench train d20 | bench decode d20 | remat; then dp on 2 GPUs | ring on 2
 #   PHASE=2: dp on 4 GPUs, dp-report, ring on 4, context on 4; then context on 1 | bench vlm | bench train d12
+#            | packing
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_all_out}
@@ -34,8 +35,7 @@ table() { grep -vE '^(\{|\[rank|[WI][0-9]{4} |.*[Ww]arning|  _warn)' "$OUT/$1.lo
 if [ "${PHASE:-1}" = 1 ]; then
   scale dp_1 300 0 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2 &
   bench train_d20 330 1 train --preset d20 --steps 6 --warmup 3 --profile &
-  (bench decode 240 2 decode --preset d20 --rows bf16 bf16-inductor int8 plain hf --profile
-   scale packing 200 2 packing --preset d12) &
+  bench decode 300 2 decode --preset d20 --rows bf16 bf16-inductor int8 plain hf --profile &
   scale remat 420 3 remat --preset d20 --batch 16 --seq 2048 --policies full mlp --steps 3 --warmup 2 &
   wait
   scale dp_2 150 0,1 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2 &
@@ -51,6 +51,7 @@ else
   scale context_1 170 0 context --preset d12 --seq 32768 --steps 3 --warmup 1 &
   bench vlm 170 1 vlm --preset d12-vlm --profile &
   bench train_d12 170 2 train --preset d12 --rows ghostvis plain hf --steps 8 --warmup 3 &
+  scale packing 200 3 packing --preset d12 &
   wait
-  for t in dp_report ring_4 context_4 context_1 vlm train_d12; do table $t 12; done
+  for t in dp_report ring_4 context_4 context_1 vlm train_d12 packing; do table $t 12; done
 fi

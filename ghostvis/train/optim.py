@@ -292,13 +292,16 @@ class Partitioned:
         return {label: opt.init(parts[label]) for label, opt in self.optimizers.items()}
 
     def update(self, params, grads, state: dict, step: int):
-        """Route each parameter's gradient to its optimizer; in place, returns ``(params, state)``."""
+        """Route each parameter's gradient to its optimizer; in place, returns ``(params, state)``.
+
+        Every sub-optimizer steps, even one with no parameters here, so step counters
+        advance together (a rank's shard of a sharded optimizer may hold none of a group).
+        """
         p, g = as_flat(params), as_flat(grads)
         _check_grads(p, g)
         pp, gp = self._split(p), self._split(g)
         for label, opt in self.optimizers.items():
-            if pp[label]:
-                opt.update(pp[label], gp[label], state[label], step)
+            opt.update(pp[label], gp[label], state[label], step)
         return params, state
 
 

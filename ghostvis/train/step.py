@@ -18,6 +18,10 @@ The pieces, each a function of a function:
 * :func:`accumulate` -- sums gradients over micro-batches. Each micro-batch's summed
   token loss is divided by the token count of the whole global batch, so k
   micro-batches give exactly the gradient of one big batch (up to float rounding).
+* ``grad_sink`` of :func:`value_and_grad` -- each trainable leaf passes through an
+  identity whose backward hands the leaf's finished gradient to a callback; a
+  data-parallel reducer uses it to start all-reducing gradients while the backward
+  is still running (see :class:`ghostvis.train.distributed.DataParallel`).
 
 A step whose loss or gradient norm is NaN/Inf leaves params and optimizer state
 untouched and reports ``skipped=True``; the loop counts and stops on a streak.
@@ -25,6 +29,7 @@ untouched and reports ``skipped=True``; the loop counts and stops on a streak.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -35,6 +40,8 @@ from ..core import decoder
 from ..core.tree import flatten, merge, split, unflatten
 from .loss import loss_fn, supervised_tokens
 from .optim import clip_by_global_norm
+
+log = logging.getLogger("ghostvis.train")
 
 Tensor = torch.Tensor
 Flat = dict[str, Tensor]
@@ -94,6 +101,68 @@ class _Recompute(torch.autograd.Function):
         return (None, *vjp_fn(grad_out))
 
 
+def _plain(t: Tensor) -> Tensor:
+    """The plain tensor inside ``torch.func``'s wrappers (the same memory)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+class _GradTap(torch.autograd.Function):
+    """Identity on a group of leaves; the backward passes the gradients through and shows each to ``sink(name, grad)``.
+
+    Autograd runs a node's backward only once every gradient flowing into it has been
+    summed, so when a leaf reaches the loss only through its tap, ``grad`` is that
+    leaf's complete gradient. Under ``torch.func.grad`` the backward runs inside the
+    transform with the gradients wrapped, and the transform forbids writing into
+    tensors made outside it (a reducer's buckets). So the sink gets the plain tensor
+    and runs with the ``torch.func`` layers switched off: it may copy ``grad`` and
+    launch collectives on its own buffers, but must neither modify nor keep ``grad``.
+    """
+
+    @staticmethod
+    def forward(names, sink, *leaves):
+        return tuple(x.view_as(x) for x in leaves)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.names, ctx.sink = inputs[0], inputs[1]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with torch._C._DisableFuncTorch(), torch.no_grad():
+            for name, grad in zip(ctx.names, grads):
+                if grad is not None:
+                    ctx.sink(name, _plain(grad))
+        return (None, None, *grads)
+
+
+def _tap_group(name: str) -> str:
+    """Leaves of one block share a tap (``text.layers.3.*`` -> ``text.layers.3``); others get their own."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+def tap_grads(flat: Flat, sink: Callable[[str, Tensor], None]) -> Flat:
+    """``flat`` behind identities whose backward calls ``sink(name, grad)`` once per leaf the loss reaches.
+
+    One tap per block rather than per leaf: each ``torch.func``-level autograd function
+    costs a good fraction of a millisecond of Python (forward and backward), and an
+    eager step is often bound by exactly that (180 per-leaf taps cost ~25x the time of
+    20 per-block ones). A block's gradients are reported together, once its backward is done.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in flat:
+        groups.setdefault(_tap_group(name), []).append(name)
+    out: Flat = {}
+    for names in groups.values():
+        out.update(zip(names, _GradTap.apply(tuple(names), sink, *(flat[n] for n in names))))
+    return {k: out[k] for k in flat}
+
+
 REMAT_POLICIES = ("full", "attention", "mlp")
 
 
@@ -143,15 +212,21 @@ def remat(block_fn: Callable = decoder.block, policy: str = "full") -> Callable:
 
 
 def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_policy: str = "full", select: bool = True,
-                   autocast: Optional[torch.dtype] = None) -> Callable:
+                   autocast: Optional[torch.dtype] = None,
+                   grad_sink: Optional[Callable[[str, Tensor], None]] = None) -> Callable:
     """``fn(trainable, batch, normalizer) -> (grads, loss)``: gradients w.r.t. ``trainable`` only.
 
     ``frozen`` is closed over. ``autocast`` (e.g. ``torch.bfloat16``) runs the
     forward under ``torch.autocast`` while params and grads stay in their dtype.
+    ``grad_sink(name, grad)``, if given, is called during the backward with each
+    trainable leaf's complete gradient as soon as it exists (:func:`tap_grads`; a leaf
+    the loss never reaches may go unreported, and ``fn`` returns zeros for it).
     """
     block_fn = remat(policy=remat_policy) if remat_blocks else None
 
     def loss_of_trainable(trainable: Flat, batch: dict, normalizer) -> Tensor:
+        if grad_sink is not None:
+            trainable = tap_grads(trainable, grad_sink)
         params = merge(trainable, frozen)
         if autocast is None:
             return loss_fn(params, batch, cfg, normalizer=normalizer, block_fn=block_fn, select=select)
@@ -188,11 +263,46 @@ def accumulate(grad_fn: Callable, trainable: Flat, micro_batches: Sequence[dict]
 
 
 class Reducer(Protocol):
-    """Sums across data-parallel ranks (see :mod:`.distributed`); ``None`` means one process."""
+    """Sums across data-parallel ranks (see :mod:`.distributed`); ``None`` means one process.
+
+    A reducer that also has ``overlap = True`` and the methods ``start_overlap(params,
+    prior)``, ``grad_ready(name, grad)`` and ``finish_overlap_(grads)`` (as
+    :class:`~ghostvis.train.distributed.DataParallel` does) gets its gradients during the
+    backward instead of after it.
+    """
 
     def sum_(self, t: Tensor) -> Tensor: ...
 
     def sum_grads_(self, grads: Flat) -> Flat: ...
+
+
+def overlaps(reducer) -> bool:
+    """True when ``reducer`` asks for, and supports, reducing gradients during the backward."""
+    return (reducer is not None and bool(getattr(reducer, "overlap", False))
+            and all(callable(getattr(reducer, m, None)) for m in ("start_overlap", "grad_ready", "finish_overlap_")))
+
+
+def accumulate_overlapped(grad_fn: Callable, tapped_fn: Callable, reducer, trainable: Flat,
+                          micro_batches: Sequence[dict], normalizer: Tensor) -> tuple[Flat, Tensor]:
+    """:func:`accumulate` followed by the reducer's sum, with the sum overlapping the last backward.
+
+    The micro-batches before the last run ``grad_fn`` and are summed locally; the last
+    runs ``tapped_fn`` (the same gradient function with ``grad_sink=reducer.grad_ready``),
+    whose backward feeds each leaf's gradient, plus the earlier sum, to the reducer as it
+    arrives. Returns the all-reduced gradient total and this rank's summed loss.
+    """
+    if not micro_batches:
+        raise ValueError("accumulate needs at least one micro-batch")
+    *head, last = micro_batches
+    prior, loss = accumulate(grad_fn, trainable, head, normalizer) if head else (None, None)
+    reducer.start_overlap(trainable, prior)
+    grads, value = tapped_fn(trainable, last, normalizer)
+    if prior is not None:
+        torch._foreach_add_(list(prior.values()), [grads[k] for k in prior])
+        grads = prior
+    else:
+        loss = torch.zeros((), dtype=torch.float32, device=normalizer.device)
+    return reducer.finish_overlap_(grads), loss + value.detach().float()
 
 
 @dataclass
@@ -214,11 +324,21 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     Returns ``train_step(trainable, opt_state, micro_batches, step) -> (trainable, opt_state, StepResult)``.
     Params and optimizer state are updated in place (see :mod:`.optim`); a step with a
     non-finite loss or gradient norm updates nothing.
+
+    With a reducer that overlaps (:func:`overlaps`), the gradient all-reduce runs during
+    the last micro-batch's backward (:func:`accumulate_overlapped`). Not with
+    ``compile_grad``: ``torch.compile`` traces the taps' backward and drops the Python
+    call to the reducer (the sink is never called), so the reducer then sums the
+    finished gradients after the backward (``sum_grads_``).
     """
-    grad_fn = value_and_grad(cfg, frozen, remat_blocks=remat_blocks, remat_policy=remat_policy,
-                             select=not compile_grad, autocast=autocast)
+    kw = dict(remat_blocks=remat_blocks, remat_policy=remat_policy, select=not compile_grad, autocast=autocast)
+    grad_fn = value_and_grad(cfg, frozen, **kw)
     if compile_grad:
         grad_fn = compile(grad_fn, **(compile_kwargs or {}))
+    overlap = overlaps(reducer) and not compile_grad
+    if overlaps(reducer) and compile_grad:
+        log.info("gradient all-reduce: after the backward (it cannot overlap a compiled backward)")
+    tapped_fn = value_and_grad(cfg, frozen, **kw, grad_sink=reducer.grad_ready) if overlap else None
 
     def train_step(trainable: Flat, opt_state: dict, micro_batches: Sequence[dict], step: int):
         device = next(iter(trainable.values())).device
@@ -226,9 +346,13 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
         if reducer is not None:
             tokens = reducer.sum_(tokens)
         normalizer = tokens.clamp(min=1).float()
-        grads, loss = accumulate(grad_fn, trainable, micro_batches, normalizer)
+        if overlap:
+            grads, loss = accumulate_overlapped(grad_fn, tapped_fn, reducer, trainable, micro_batches, normalizer)
+        else:
+            grads, loss = accumulate(grad_fn, trainable, micro_batches, normalizer)
+            if reducer is not None:
+                grads = reducer.sum_grads_(grads)
         if reducer is not None:
-            grads = reducer.sum_grads_(grads)
             loss = reducer.sum_(loss)
         grads, norm = clip_by_global_norm(grads, grad_clip)
         ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
