@@ -288,3 +288,22 @@ def test_context_parallel_training_matches_one_process(tmp_path):
         # Adam's first steps are nearly lr * sign(grad): where a gradient entry is ~0 the different
         # reduction order of the ring flips the sign, so entries can differ by a fraction of lr (1e-2)
         torch.testing.assert_close(flatten(two)[k], v, atol=1e-3, rtol=0, msg=k)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_context_by_data_parallel_grid_matches_one_process(tmp_path):
+    """torchrun x4 as a 2 (data) x 2 (context) grid == one process with the whole global batch."""
+    from torchrun_training import losses, run_training
+
+    one = run_training(tmp_path, 1, 6, optimizer="adamw")
+    grid = run_training(tmp_path, 4, 3, cp=2, optimizer="adamw")
+    assert len(losses(one)) == 5
+    torch.testing.assert_close(torch.tensor(losses(grid)), torch.tensor(losses(one)), atol=1e-6, rtol=1e-5)
+
+
+def test_context_parallel_must_divide_the_ranks():
+    from ghostvis.train import distributed
+
+    with pytest.raises(ValueError, match="must divide"):
+        distributed.context_parallel_group(2)  # one process: 2 does not divide 1

@@ -93,6 +93,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+def context_parallel_group(cp: int):
+    """This rank's context-parallel group on a ``(data, context)`` grid of ``world / cp`` x ``cp`` ranks.
+
+    Consecutive ranks share sequences: ranks ``[i*cp, (i+1)*cp)`` hold the shards of the same rows
+    and run ring attention among themselves; ranks with the same ``rank % cp`` read different
+    rows (data parallel). Gradients are still summed over all ranks (each rank's are partial sums
+    over its tokens). Every rank must call this (``new_group`` is collective). Returns ``None``
+    (the whole world) when ``cp`` equals the world size.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if cp < 1 or world % cp:
+        raise ValueError(f"--train.context-parallel {cp} must divide the number of ranks ({world})")
+    if cp == world:
+        return None
+    mine = None
+    for first in range(0, world, cp):
+        group = dist.new_group(list(range(first, first + cp)))
+        if first <= dist.get_rank() < first + cp:
+            mine = group
+    return mine
+
+
 def broadcast_tree(flat: Flat, src: int = 0) -> Flat:
     """Copy rank ``src``'s tensors into every rank's (in place), so all start identical."""
     if dist.is_initialized():

@@ -78,8 +78,9 @@ class TrainConfig:
         seed: seed of the data order and of any randomness in training.
         max_bad_steps: stop after this many NaN/Inf steps in a row (each is skipped, not applied).
         context_parallel: split every sequence over this many ranks and run causal attention as ring
-            attention (long-context training; text batches). For now it must equal the number of
-            ranks: all ranks read the same batch and each keeps its zigzag shard of every row.
+            attention (long-context training; text batches). It must divide the number of ranks:
+            ranks form a (data, context) grid, each group of ``context_parallel`` consecutive ranks
+            reads the same rows and each keeps its zigzag shard of them; the groups are data parallel.
         bucket_mb: with several ranks, gradients are all-reduced in flat buckets of about this many MiB.
         overlap_comm: with several ranks, start each gradient bucket's all-reduce during the backward
             as soon as its gradients exist (off, the default: all-reduce after the backward, which
@@ -374,10 +375,11 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
                                                          "model": cfg.to_dict(), "world_size": di.world_size},
                                                         indent=2, default=str))
     cp = tc.context_parallel
-    if cp > 1 and cp != di.world_size:
-        raise ValueError(f"--train.context-parallel {cp} must equal the number of ranks ({di.world_size}); "
-                         "combining it with data parallelism is not supported yet")
-    cp_positions = ring.shard_positions(tc.seq_len, cp, di.rank, device=device) if cp > 1 else None
+    if cp < 1:
+        raise ValueError(f"--train.context-parallel must be >= 1, got {cp}")
+    cp_group = distributed.context_parallel_group(cp) if cp > 1 else None
+    cp_rank = di.rank % cp
+    cp_positions = ring.shard_positions(tc.seq_len, cp, cp_rank, device=device) if cp > 1 else None
     autocast = torch.bfloat16 if tc.dtype == "bfloat16" else None
     reducer = distributed.DataParallel(tc.bucket_mb, overlap=tc.overlap_comm) if di.enabled else None
     step_fn = make_train_step(cfg, optimizer, frozen, grad_clip=tc.grad_clip, remat_blocks=tc.remat,
@@ -409,8 +411,8 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
         for step in range(start, tc.steps):
             micro = [to_device(next(batches), device) for _ in range(tc.grad_accum)]
             if cp > 1:
-                micro = [context_shard(mb, cp, di.rank) for mb in micro]
-                with ring.context_parallel(None, cp_positions):
+                micro = [context_shard(mb, cp, cp_rank) for mb in micro]
+                with ring.context_parallel(cp_group, cp_positions):
                     trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
             else:
                 trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
