@@ -456,7 +456,7 @@ class Context:
     """Untimed steps first."""
     remat: bool = False
     """Activation checkpointing per decoder block."""
-    remat_policy: Literal["full", "attention", "mlp"] = "full"
+    remat_policy: Literal["full", "attention", "mlp", "selective"] = "full"
     """With --remat: what to recompute."""
     compile: Optional[bool] = None
     """torch.compile the gradient function (default: on CUDA)."""
@@ -544,7 +544,7 @@ class Remat:
     """Rows per step for the policy comparison."""
     seq: int = 2048
     """Tokens per row for the policy comparison."""
-    policies: list[str] = field(default_factory=lambda: ["full", "attention", "mlp"])
+    policies: list[str] = field(default_factory=lambda: ["full", "attention", "mlp", "selective"])
     """Remat policies to compare against remat off."""
     steps: int = 5
     """Timed steps per row."""

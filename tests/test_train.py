@@ -24,7 +24,8 @@ def random_batch(cfg=CFG, b=2, t=24, seed=0, images=True) -> dict:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(8, cfg.text.vocab_size, (b, t), generator=g)
     n_img = cfg.num_image_tokens if images else 0
-    tokens[:, 1:1 + n_img] = cfg.image_token_id
+    if n_img:
+        tokens[:, 1:1 + n_img] = cfg.image_token_id
     half = t // 2
     doc_ids = (torch.arange(t) >= half).long().expand(b, t).clone()
     positions = torch.cat([torch.arange(half), torch.arange(t - half)]).expand(b, t).clone()
@@ -106,7 +107,7 @@ def test_remat_gives_the_same_gradients(policy):
 
 def test_remat_policy_is_checked():
     with pytest.raises(ValueError, match="remat policy must be one of"):
-        tstep.remat(policy="selective")
+        tstep.remat(policy="bogus")
 
 
 def test_compile_transform_gives_the_same_gradients():
@@ -208,3 +209,27 @@ def test_remat_policies_save_fewer_activations():
     none = saved_bytes(None)
     sizes = {p: saved_bytes(tstep.remat(policy=p)) for p in tstep.REMAT_POLICIES}
     assert sizes["full"] < sizes["mlp"] < none and sizes["attention"] < none, (none, sizes)
+    # selective drops exactly the two normalised inputs and the SwiGLU output of every layer
+    t = CFG.text
+    dropped = t.n_layers * b["tokens"].numel() * (2 * t.dim + t.ffn_dim) * 4
+    assert sizes["selective"] <= none - dropped, (none, sizes["selective"], dropped)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_selective_remat_with_biases_qk_norm_and_stacked_weights(fused):
+    from ghostvis.core.decoder import fuse_projections
+
+    cfg = ModelConfig(text=TextConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                                      ffn_dim=64, max_seq_len=64, qkv_bias=True, qk_norm=True))
+    params = gv.init(cfg, seed=4)
+    params = gv.tree_map(lambda t: t + 0.05 * torch.randn_like(t), params)  # biases and norms matter
+    if fused:
+        params = {**params, "text": fuse_projections(params["text"])}
+    trainable, frozen = tstep.partition(params, "all")
+    b = random_batch(cfg, seed=4, images=False)
+    n = (b["targets"] != -100).sum().float()
+    g0, l0 = tstep.value_and_grad(cfg, frozen)(trainable, b, n)
+    g1, l1 = tstep.value_and_grad(cfg, frozen, remat_blocks=True, remat_policy="selective")(trainable, b, n)
+    torch.testing.assert_close(l0, l1, atol=0, rtol=0)
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k], atol=1e-6, rtol=1e-5, msg=k)

@@ -122,9 +122,17 @@ def attention_block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tenso
     slots ``cache_pos`` ``[T]`` and the queries attend over the whole buffer
     under ``attn_mask`` ``[B, 1, T, S]`` (True = attend), which the caller builds.
     """
-    b, t, _ = x.shape
+    return attend(p, cfg, *qkv(p, cfg, x), cos, sin, doc_ids=doc_ids, kv_cache=kv_cache, cache_pos=cache_pos,
+                  attn_mask=attn_mask)
+
+
+def attend(p: dict, cfg: TextConfig, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, *,
+           doc_ids: Optional[Tensor] = None, kv_cache: Optional[tuple[Tensor, Tensor]] = None,
+           cache_pos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
+    """The rest of :func:`attention_block` from projected ``q`` ``[B, T, Hq*hd]``, ``k``, ``v``:
+    qk-norm, RoPE, attention (cached or not) and the output projection."""
+    b, t, _ = q.shape
     hd = cfg.head_dim
-    q, k, v = qkv(p, cfg, x)
     q = q.reshape(b, t, cfg.n_heads, hd).transpose(1, 2)
     k = k.reshape(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
     v = v.reshape(b, t, cfg.n_kv_heads, hd).transpose(1, 2)

@@ -72,7 +72,8 @@ class TrainConfig:
             ``connector`` or ``connector,text.layers.2,text.layers.3``; everything else is frozen.
         remat: activation checkpointing per decoder block (less memory, ~1/3 more compute).
         remat_policy: with ``remat``: ``full`` (recompute whole blocks), ``mlp`` or ``attention``
-            (recompute only that sub-block, keep the other's activations).
+            (recompute only that sub-block, keep the other's activations), or ``selective`` (keep
+            every matmul output, recompute only the norms and SwiGLU feeding the projections).
         compile: ``torch.compile`` the gradient function.
         dtype: compute dtype: ``float32``, or ``bfloat16`` (autocast; params and optimizer stay float32).
         seed: seed of the data order and of any randomness in training.
@@ -108,7 +109,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     trainable: str = "all"
     remat: bool = False
-    remat_policy: Literal["full", "attention", "mlp"] = "full"
+    remat_policy: Literal["full", "attention", "mlp", "selective"] = "full"
     compile: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0

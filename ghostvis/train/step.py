@@ -163,7 +163,66 @@ def tap_grads(flat: Flat, sink: Callable[[str, Tensor], None]) -> Flat:
     return {k: out[k] for k in flat}
 
 
-REMAT_POLICIES = ("full", "attention", "mlp")
+class _LinearsOfRecomputed(torch.autograd.Function):
+    """``[a @ w.T for w in ws]`` with ``a = fn(*xs)`` not kept: the backward recomputes ``a`` from ``xs``.
+
+    For an elementwise ``fn`` (RMSNorm, SwiGLU) feeding matmuls, this keeps the matmul outputs
+    and the (cheap) op's inputs, and drops the op's output, which plain autograd would save as
+    the matmuls' input.
+    """
+
+    @staticmethod
+    def forward(fn, n_weights, *args):
+        a = fn(*args[n_weights:])
+        return tuple(torch.nn.functional.linear(a, w) for w in args[:n_weights])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fn, ctx.n_weights = inputs[0], inputs[1]
+        ctx.save_for_backward(*inputs[2:])
+
+    @staticmethod
+    def backward(ctx, *dys):
+        ws, xs = ctx.saved_tensors[:ctx.n_weights], ctx.saved_tensors[ctx.n_weights:]
+        a, vjp_fn = torch.func.vjp(ctx.fn, *xs)
+        a2 = a.reshape(-1, a.shape[-1])
+        dws = [dy.reshape(-1, dy.shape[-1]).T @ a2 for dy in dys]
+        da = sum(dy @ w for dy, w in zip(dys, ws))
+        return (None, None, *dws, *vjp_fn(da))
+
+
+def linears_of(fn: Callable, weights: Sequence[Tensor], *xs: Tensor) -> tuple[Tensor, ...]:
+    """``tuple(fn(*xs) @ w.T for w in weights)``, recomputing ``fn`` in the backward (see above)."""
+    return _LinearsOfRecomputed.apply(fn, len(weights), *weights, *xs)
+
+
+def selective_block(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) -> Tensor:
+    """:func:`decoder.block` that keeps matmul outputs and recomputes the norms and SwiGLU in the backward.
+
+    Drops, per layer, the two normalised inputs of the projections and the SwiGLU output (the
+    down projection's input): ``2 * dim + ffn_dim`` values per token, for a few elementwise
+    passes of recompute. Takes the separate or the stacked projection layout (no INT8).
+    """
+    eps, attn, mlp = cfg.norm_eps, lp["attn"], lp["mlp"]
+    norm = lambda h, g: ops.rms_norm(h, g, eps)  # noqa: E731
+    if "wqkv" in attn:
+        nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q, k, v = linears_of(norm, [attn["wqkv"]], x, lp["attn_norm"])[0].split([nq, nk, nk], dim=-1)
+    else:
+        q, k, v = linears_of(norm, [attn["wq"], attn["wk"], attn["wv"]], x, lp["attn_norm"])
+    if "bqkv" in attn or "bq" in attn:
+        bq, bk, bv = (attn["bqkv"].split([q.shape[-1], k.shape[-1], v.shape[-1]]) if "bqkv" in attn
+                      else (attn["bq"], attn["bk"], attn["bv"]))
+        q, k, v = q + bq, k + bk, v + bv
+    x = x + decoder.attend(attn, cfg, q, k, v, cos, sin, **kw)
+    if "w_gate_up" in mlp:
+        gate, up = linears_of(norm, [mlp["w_gate_up"]], x, lp["mlp_norm"])[0].chunk(2, dim=-1)
+    else:
+        gate, up = linears_of(norm, [mlp["w_gate"], mlp["w_up"]], x, lp["mlp_norm"])
+    return x + linears_of(ops.swiglu, [mlp["w_down"]], gate, up)[0]
+
+
+REMAT_POLICIES = ("full", "attention", "mlp", "selective")
 
 
 def _checkpointed(fn: Callable, params: dict, x: Tensor) -> Tensor:
@@ -182,8 +241,9 @@ def remat(block_fn: Callable = decoder.block, policy: str = "full") -> Callable:
     Policies: ``full`` keeps only each block's input and recomputes the whole block;
     ``mlp`` recomputes only the MLP sub-block (norm, gate/up, SwiGLU, down: the widest
     activations) and keeps attention's; ``attention`` recomputes only the attention
-    sub-block. ``block_fn`` is used by ``full`` only (the sub-block policies are built
-    from :func:`decoder.attention_block` and :func:`decoder.mlp_block`).
+    sub-block; ``selective`` recomputes no matmul, only the norms and SwiGLU whose outputs
+    feed the projections (:func:`selective_block`). ``block_fn`` is used by ``full`` only
+    (the other policies are built from the decoder's pieces).
     """
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
@@ -205,7 +265,7 @@ def remat(block_fn: Callable = decoder.block, policy: str = "full") -> Callable:
         x = x + (_checkpointed(attn, attn_p, x) if policy == "attention" else attn(attn_p, x))
         return x + (_checkpointed(mlp, mlp_p, x) if policy == "mlp" else mlp(mlp_p, x))
 
-    return full if policy == "full" else sub_blocks
+    return {"full": full, "selective": selective_block}.get(policy, sub_blocks)
 
 
 # --------------------------------------------------------------------------- grad, compile, accumulate
