@@ -155,8 +155,10 @@ def ops_context(which: str):
     return gv.ops.use()
 
 
-def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, which: str, fused: bool) -> Callable:
-    params = gv.init(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
+def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, which: str, fused: bool,
+                  dtype: torch.dtype = torch.bfloat16) -> Callable:
+    """A closure running one full training step (grad + AdamW update) on ``batch``; returns the loss."""
+    params = gv.init(cfg, seed=0, device=batch["tokens"].device, dtype=dtype)
     if fused:
         params = {**params, "text": fuse_projections(params["text"])}
     params = gv.flatten(params)
@@ -381,7 +383,7 @@ def vlm_batch(cfg: gv.ModelConfig, b: int, t: int, device="cuda") -> dict:
     side = cfg.vision.image_size
     images = torch.rand(b, 3, side, side, generator=g) * 2 - 1
     return {"tokens": tokens[:, :-1].contiguous().to(device), "targets": targets.to(device), "positions": None,
-            "doc_ids": None, "images": images.to(device, torch.bfloat16)}
+            "doc_ids": None, "images": images.to(device, torch.bfloat16 if device != "cpu" else torch.float32)}
 
 
 def vlm(args: BenchVLM) -> list[dict]:

@@ -22,7 +22,7 @@ scale() {  # name, limit, GPUs, subcommand args...
   local name=$1 limit=$2 gpus=$3; shift 3
   local n=$(( $(tr -cd , <<< "$gpus" | wc -c) + 1 ))
   CUDA_VISIBLE_DEVICES=$gpus timeout "$limit" python3 -m torch.distributed.run --standalone --nproc_per_node="$n" \
-    --master_port=$(( 29500 + ${gpus:0:1} )) recipes/bench_scale.py "$@" --out "$OUT" > "$OUT/$name.log" 2>&1
+    recipes/bench_scale.py "$@" --out "$OUT" > "$OUT/$name.log" 2>&1
   echo "== $name rc=$?"
 }
 bench() {  # name, limit, GPU, bench.py args...

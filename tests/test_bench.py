@@ -43,3 +43,32 @@ def test_modes_need_cuda_and_say_so():
 ])
 def test_profile_categories(name, category):
     assert bench_train.categorize(name) == category
+
+
+@pytest.mark.parametrize("preset,vlm", [("tiny", False), ("tiny-vlm", True)])
+def test_train_and_vlm_steps_run_on_cpu(preset, vlm):
+    """The step builders of the train / vlm modes (timing aside): every row's step runs and lowers the loss."""
+    import torch
+
+    import ghostvis as gv
+
+    cfg = gv.presets.get(preset)
+    batch = (bench_train.vlm_batch if vlm else bench_train.random_batch)(cfg, 2, 32, device="cpu")
+    for which in ("default", "reference", "inductor"):
+        step = bench_train.ghostvis_step(cfg, batch, compiled=False, which=which, fused=not vlm, dtype=torch.float32)
+        losses = [float(step()) for _ in range(3)]
+        assert losses[-1] < losses[0], (which, losses)
+
+
+def test_plain_decoder_runs_on_cpu():
+    import torch
+
+    import bench_decode
+    import ghostvis as gv
+
+    t = gv.presets.get("tiny").text
+    model = bench_decode.PlainDecoder(t, batch=2, slots=16)
+    logits = model(torch.randint(0, t.vocab_size, (2, 5)), torch.arange(5))
+    assert logits.shape == (2, t.vocab_size) and torch.isfinite(logits).all()
+    nxt = model(logits.argmax(-1)[:, None], torch.tensor([5]))
+    assert nxt.shape == (2, t.vocab_size)
