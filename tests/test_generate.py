@@ -205,3 +205,17 @@ def test_compiled_cuda_graph_decode_equals_uncached():
     assert generate(params, cfg, prompts, max_new_tokens=16, compile=True) == ref
     q = gv.quantize(params, "int8")
     assert generate(q, cfg, prompts, max_new_tokens=16, compile=True) == generate(q, cfg, prompts, max_new_tokens=16)
+
+
+def test_compiled_decode_falls_back_past_the_recompile_limit(text_model, monkeypatch, caplog):
+    import torch._dynamo
+
+    params, cfg = text_model
+    torch._dynamo.reset()
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(torch._dynamo.config, name, 1)
+    for prompts in ([[5, 6, 7]], [[5, 6, 7], [9, 10]]):  # a second batch size would need a recompile
+        assert generate(params, cfg, prompts, max_new_tokens=4, compile=True) == \
+            generate(params, cfg, prompts, max_new_tokens=4)
+    assert "recompile limit" in caplog.text
+    torch._dynamo.reset()

@@ -233,3 +233,17 @@ def test_selective_remat_with_biases_qk_norm_and_stacked_weights(fused):
     torch.testing.assert_close(l0, l1, atol=0, rtol=0)
     for k in g0:
         torch.testing.assert_close(g0[k], g1[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_selective_remat_under_bf16_autocast():
+    params = gv.init(CFG, seed=6)
+    trainable, frozen = tstep.partition(params, "text")
+    b = random_batch(seed=6, images=False)
+    n = (b["targets"] != -100).sum().float()
+    g0, l0 = tstep.value_and_grad(CFG, frozen, autocast=torch.bfloat16)(trainable, b, n)
+    g1, l1 = tstep.value_and_grad(CFG, frozen, autocast=torch.bfloat16, remat_blocks=True,
+                                  remat_policy="selective")(trainable, b, n)
+    torch.testing.assert_close(l0, l1, atol=0, rtol=0)
+    for k in g0:
+        assert g1[k].dtype == g0[k].dtype == torch.float32
+        torch.testing.assert_close(g0[k], g1[k], atol=1e-2, rtol=2e-2, msg=k)

@@ -185,9 +185,13 @@ class _LinearsOfRecomputed(torch.autograd.Function):
     def backward(ctx, *dys):
         ws, xs = ctx.saved_tensors[:ctx.n_weights], ctx.saved_tensors[ctx.n_weights:]
         a, vjp_fn = torch.func.vjp(ctx.fn, *xs)
-        a2 = a.reshape(-1, a.shape[-1])
-        dws = [dy.reshape(-1, dy.shape[-1]).T @ a2 for dy in dys]
-        da = sum(dy @ w for dy, w in zip(dys, ws))
+        # under autocast the forward's matmuls ran in the autocast dtype, which the incoming
+        # gradients carry; the backward runs outside autocast, so cast to it by hand
+        cd = dys[0].dtype
+        a2 = a.reshape(-1, a.shape[-1]).to(cd)
+        dws = [(dy.reshape(-1, dy.shape[-1]).T @ a2).to(w.dtype) if ctx.needs_input_grad[2 + i] else None
+               for i, (dy, w) in enumerate(zip(dys, ws))]
+        da = sum(dy @ w.to(cd) for dy, w in zip(dys, ws)).to(a.dtype)
         return (None, None, *dws, *vjp_fn(da))
 
 
