@@ -39,6 +39,9 @@ class BenchDecode:
     attention), bf16-eager / int8-eager (eager ops captured), plain, hf."""
     profile: bool = False
     """Profile one decode step per GhostVis row (GPU time per kernel category)."""
+    reuse: bool = True
+    """Keep the KV cache and captured step between the warm-up and the timed call (``generate(reuse=True)``,
+    as a chat loop does); ``--no-reuse`` times a cold call (allocation, weight stacking, capture)."""
     out: str = "bench_out"
     """Folder for ``decode_<preset>.json``."""
 
@@ -70,11 +73,11 @@ def time_generate(params, cfg, batch: int, args: BenchDecode, compile: bool) -> 
     """Tokens/s of one whole ``generate`` call (after a warm-up call of the same shapes), and of its
     decoding alone (first token out to last, i.e. without prefill and graph capture)."""
     prompts = _prompts(cfg, batch, args.prompt_len)
-    gv.generate(params, cfg, prompts, max_new_tokens=args.new_tokens, compile=compile)  # warm-up (compiles)
+    gv.generate(params, cfg, prompts, max_new_tokens=args.new_tokens, compile=compile, reuse=args.reuse)  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     n, t_first = 0, None
-    for step in gv.stream(params, cfg, prompts, max_new_tokens=args.new_tokens, compile=compile):
+    for step in gv.stream(params, cfg, prompts, max_new_tokens=args.new_tokens, compile=compile, reuse=args.reuse):
         n += sum(t is not None for t in step)
         if t_first is None:
             t_first = time.perf_counter()
@@ -225,6 +228,7 @@ def main(args: BenchDecode) -> list[dict]:
             quantized = gv.quantize(params, "int8")
         p = quantized if int8 else params
         compile = row in ("bf16", "int8", "bf16-inductor")
+        generate_mod.release_decode_session()
         generate_mod.COMPILED_DECODE_OPS.clear()
         if row == "bf16-inductor":  # the elementwise ops and attention as plain torch, for inductor to fuse
             generate_mod.COMPILED_DECODE_OPS.update(rms_norm="reference", swiglu="reference", rope="reference",

@@ -207,15 +207,49 @@ def test_compiled_cuda_graph_decode_equals_uncached():
     assert generate(q, cfg, prompts, max_new_tokens=16, compile=True) == generate(q, cfg, prompts, max_new_tokens=16)
 
 
-def test_compiled_decode_falls_back_past_the_recompile_limit(text_model, monkeypatch, caplog):
+def test_compiled_decode_falls_back_past_the_recompile_limit(text_model, caplog):
     import torch._dynamo
 
     params, cfg = text_model
     torch._dynamo.reset()
-    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(torch._dynamo.config, name, 1)
-    for prompts in ([[5, 6, 7]], [[5, 6, 7], [9, 10]]):  # a second batch size would need a recompile
-        assert generate(params, cfg, prompts, max_new_tokens=4, compile=True) == \
-            generate(params, cfg, prompts, max_new_tokens=4)
+    names = torch._dynamo.config.get_config_copy()
+    name = "recompile_limit" if "recompile_limit" in names else "cache_size_limit"
+    with torch._dynamo.config.patch(**{name: 1}):
+        for prompts in ([[5, 6, 7]], [[5, 6, 7], [9, 10]]):  # a second batch size would need a recompile
+            assert generate(params, cfg, prompts, max_new_tokens=4, compile=True) == \
+                generate(params, cfg, prompts, max_new_tokens=4)
     assert "recompile limit" in caplog.text
     torch._dynamo.reset()
+
+
+def test_reused_session_gives_the_same_tokens_and_notices_weight_updates(text_model):
+    import importlib
+
+    gen = importlib.import_module("ghostvis.infer.generate")  # the module (the package exports the function)
+    params, cfg = text_model
+    params = gv.tree_map(lambda t: t.clone(), params)
+    prompts = [[11, 12, 13], [20, 21]]
+    gen.release_decode_session()
+    hits = gen._SESSION.get("hits", 0)
+    first = generate(params, cfg, prompts, max_new_tokens=6, reuse=True)
+    again = generate(params, cfg, [[30, 31, 32], [7]], max_new_tokens=6, reuse=True)  # same shapes: reused
+    assert gen._SESSION["hits"] == hits + 1
+    assert first == generate(params, cfg, prompts, max_new_tokens=6)
+    assert again == generate(params, cfg, [[30, 31, 32], [7]], max_new_tokens=6)
+    # compile=True keeps stacked copies of the projections: an in-place update must not reuse them
+    generate(params, cfg, prompts, max_new_tokens=6, reuse=True, compile=True)
+    params["text"]["layers"][0]["attn"]["wq"].mul_(3.0)
+    assert generate(params, cfg, prompts, max_new_tokens=6, reuse=True, compile=True) == [
+        generate_uncached(params, cfg, p, max_new_tokens=6) for p in prompts]
+    assert gen._SESSION["hits"] == hits + 1
+    # two live streams of the same shapes never share a session
+    a = stream(params, cfg, prompts, max_new_tokens=6, reuse=True)
+    b = stream(params, cfg, [[30, 31, 32], [7]], max_new_tokens=6, reuse=True)
+    got_a, got_b = [[], []], [[], []]
+    for sa, sb in zip(a, b):
+        for row, (ta, tb) in enumerate(zip(sa, sb)):
+            got_a[row] += [ta] if ta is not None else []
+            got_b[row] += [tb] if tb is not None else []
+    assert got_a == generate(params, cfg, prompts, max_new_tokens=6)
+    assert got_b == generate(params, cfg, [[30, 31, 32], [7]], max_new_tokens=6)
+    gen.release_decode_session()

@@ -32,6 +32,7 @@ import torch
 from .. import ops
 from ..core import decoder as _decoder
 from ..core.config import ModelConfig
+from ..core.tree import flatten
 from ..core.model import ImageTokenMismatch, embed, encode_images, forward
 from .kv_cache import attention_mask, init_kv_cache, key_valid, left_pad, positions_at
 from .sampling import check_sampling, sample
@@ -181,7 +182,8 @@ def stream(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
            images: Optional[Sequence[Sequence[Tensor]]] = None, *, max_new_tokens: int = 64,
            stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, seed: Optional[int] = None,
-           cuda_graph: Optional[bool] = None, compile: bool = False) -> Iterator[list[Optional[int]]]:
+           cuda_graph: Optional[bool] = None, compile: bool = False,
+           reuse: bool = False) -> Iterator[list[Optional[int]]]:
     """Generate token by token: yields, per decoding step, one entry per prompt.
 
     An entry is the new token id of that row, or None once the row has stopped
@@ -205,21 +207,72 @@ def stream(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         slots = min(-(-slots // 256) * 256, max(cfg.text.max_seq_len, slots))
     pad_id = 0 if cfg.image_token_id != 0 else 1  # any id that is not an image placeholder
     tokens, pad = left_pad([list(p) for p in prompts], pad_id, device)
-    valid = key_valid(pad, slots)
-    cache = init_kv_cache(cfg.text, len(prompts), slots, device=device, dtype=dtype)
-    logits = prefill(params, cfg, tokens, pad, valid, cache, stack_images(images, device, dtype))
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-    if compile:
-        params = {**params, "text": _decoder.fuse_projections(params["text"])}
+    session = decode_session(params, cfg, len(prompts), slots, use_graph=use_graph, compile=compile, keep=reuse)
+    session["busy"] = True
+    session["pad"].copy_(pad)
+    session["valid"].copy_(key_valid(pad, slots))
+    try:
+        logits = prefill(params, cfg, tokens, session["pad"], session["valid"], session["cache"],
+                         stack_images(images, device, dtype))
+        yield from _decode(session["step"], logits, n_new, longest, pad_id, stop_ids, temperature, top_k, top_p,
+                           seed, device)
+    finally:
+        session["busy"] = False
+
+
+_SESSION: dict = {}
+
+
+def decode_session(params: dict, cfg: ModelConfig, batch: int, slots: int, *, use_graph: bool,
+                   compile: bool, keep: bool = False) -> dict:
+    """The KV cache, static inputs and (captured) decode step for ``batch`` rows of ``slots`` slots.
+
+    With ``keep``, the session is kept after the call and handed to the next ``keep`` call with
+    the same shapes, config and weights (the same tensors, unmodified: an in-place update bumps
+    a tensor's version and forces a new session), so repeated calls skip the cache allocation,
+    the stacking of the projections and the graph's warm-up and capture. The kept session holds
+    its KV cache (and stacked weights) in memory until :func:`release_decode_session` or the next
+    session replaces it. A session in use by a live :func:`stream` is never shared.
+    """
+    weight = params["text"]["embed"]
+    key = (cfg.text, batch, slots, str(weight.device), weight.dtype, use_graph, compile,
+           tuple((id(t), t._version) for t in flatten(params["text"]).values()))
+    cached = _SESSION.get("entry")
+    if keep and cached is not None and cached["key"] == key and not cached["busy"]:
+        _SESSION["hits"] = _SESSION.get("hits", 0) + 1
+        return cached
+    if keep and cached is not None and not cached["busy"]:
+        release_decode_session()  # free its cache and graph before allocating the next
+    device = weight.device
+    pad = torch.zeros(batch, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+    cache = init_kv_cache(cfg.text, batch, slots, device=device, dtype=weight.dtype)
+    run_params = {**params, "text": _decoder.fuse_projections(params["text"])} if compile else params
     if use_graph:
-        step = cuda_graph_step(params, cfg, cache, pad, valid, compile=compile)
+        step = cuda_graph_step(run_params, cfg, cache, pad, valid, compile=compile)
     else:
-        step = eager_step(compiled_decode_step() if compile else decode_step, params, cfg, cache, pad, valid)
+        step = eager_step(compiled_decode_step() if compile else decode_step, run_params, cfg, cache, pad, valid)
+    session = {"key": key, "pad": pad, "valid": valid, "cache": cache, "step": step, "busy": False}
+    if keep and "entry" not in _SESSION:
+        _SESSION["entry"] = session
+    return session
+
+
+def release_decode_session() -> None:
+    """Drop the kept decode session (its KV cache, stacked weights and CUDA graph)."""
+    _SESSION.pop("entry", None)
+
+
+def _decode(step: Step, logits: Tensor, n_new: int, longest: int, pad_id: int, stop_ids: Sequence[int],
+            temperature: float, top_k: Optional[int], top_p: Optional[float], seed: Optional[int],
+            device: torch.device) -> Iterator[list[Optional[int]]]:
+    """The sampling loop of :func:`stream` after the prefill."""
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     on_cuda = device.type == "cuda"
-    readback = torch.empty((2, len(prompts)), dtype=torch.long, pin_memory=on_cuda)
+    readback = torch.empty((2, logits.shape[0]), dtype=torch.long, pin_memory=on_cuda)
     for i in range(n_new):
         nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         finished = done | torch.isin(nxt, stop)
@@ -246,7 +299,7 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
              stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: Optional[int] = None,
              on_token: Optional[Callable[[int, int], None]] = None,
-             cuda_graph: Optional[bool] = None, compile: bool = False) -> list[list[int]]:
+             cuda_graph: Optional[bool] = None, compile: bool = False, reuse: bool = False) -> list[list[int]]:
     """Continue each prompt; returns the generated ids only (no prompt, no stop token).
 
     Args:
@@ -264,11 +317,13 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         compile: ``torch.compile`` the decode step (stacked projections, fused elementwise ops);
             the first call per shape pays the compile time, later calls reuse it. The stacked
             q/k/v and gate/up weights are a copy made per call (~2/3 of the decoder's weights).
+        reuse: keep the KV cache, stacked weights and captured step for the next call with the
+            same shapes and weights (see :func:`decode_session`); for chat loops and benchmarks.
     """
     out: list[list[int]] = [[] for _ in prompts]
     for tokens in stream(params, cfg, prompts, images, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, cuda_graph=cuda_graph,
-                         compile=compile):
+                         compile=compile, reuse=reuse):
         for row, t in enumerate(tokens):
             if t is not None:
                 out[row].append(t)
