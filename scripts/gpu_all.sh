@@ -28,7 +28,8 @@ if [ "${PHASE:-1}" = 1 ]; then
   scale dp_1 300 0 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2 &
   bench train_d20 330 1 train --preset d20 --steps 6 --warmup 3 --profile &
   bench decode 300 2 decode --preset d20 --rows bf16 bf16-inductor int8 plain hf --profile &
-  scale remat 420 3 remat --preset d20 --batch 16 --seq 2048 --policies full selective --steps 3 --warmup 2 &
+  scale remat 330 3 remat --preset d20 --batch 16 --seq 2048 --policies full selective --steps 3 --warmup 2 \
+    --search-seqs 32768 65536 131072 &
   wait
   scale dp_2 150 0,1 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2 &
   scale ring_2 120 2,3 ring --seq 32768 &
