@@ -37,12 +37,14 @@ Two implementations of one hop (``impl``, or the module default :data:`IMPL`):
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 IMPL = "auto"  # default hop implementation: "auto" | "reference" | "fused"
 _IMPLS = ("auto", "reference", "fused")
@@ -344,7 +346,16 @@ def _use_fused(q, k, v, doc_ids, impl: str) -> bool:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     if impl == "fused" and doc_ids is not None:
         raise ValueError("the fused ring hop takes no doc_ids; use impl='reference' for packed documents")
-    return impl == "fused" or (impl == "auto" and doc_ids is None and fused_supported(q, k, v))
+    fused = impl == "fused" or (impl == "auto" and doc_ids is None and fused_supported(q, k, v))
+    if impl == "auto" and q.is_cuda and not fused and not _FELL_BACK:
+        _FELL_BACK.add(True)
+        log.info("ring attention: float32 reference hops on CUDA (%s)",
+                 "packed documents (doc_ids)" if doc_ids is not None else
+                 f"no flash kernel for dtype {q.dtype}, head dim {q.shape[-1]}")
+    return fused
+
+
+_FELL_BACK: set = set()  # logged once per process
 
 
 # ----------------------------------------------------------------------------- the ring
