@@ -28,6 +28,8 @@ never do, since decaying a lookup table pulls rare tokens to zero.
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -99,16 +101,18 @@ def global_norm(grads) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
-def clip_by_global_norm(grads, max_norm: float) -> tuple[dict, Tensor]:
+def clip_by_global_norm(grads, max_norm: float, norm: Optional[float] = None) -> tuple[dict, Tensor]:
     """Scale ``grads`` in place so their global norm is at most ``max_norm``; returns ``(grads, norm_before)``.
 
     ``max_norm <= 0`` disables clipping (the norm is still returned). A non-finite
-    norm leaves the gradients untouched (the train step skips such steps).
+    norm leaves the gradients untouched (the train step skips such steps). ``norm``
+    is the already-read value of :func:`global_norm` (saves the host syncs here).
     """
-    norm = global_norm(grads)
-    if max_norm > 0 and torch.isfinite(norm) and norm > max_norm:
-        torch._foreach_mul_(list(as_flat(grads).values()), max_norm / (float(norm) + 1e-6))
-    return grads, norm
+    norm_t = global_norm(grads) if norm is None else None
+    value = float(norm_t) if norm is None else norm
+    if max_norm > 0 and math.isfinite(value) and value > max_norm:
+        torch._foreach_mul_(list(as_flat(grads).values()), max_norm / (value + 1e-6))
+    return grads, (norm_t if norm_t is not None else torch.tensor(value))
 
 
 # --------------------------------------------------------------------------- AdamW

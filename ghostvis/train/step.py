@@ -30,6 +30,7 @@ untouched and reports ``skipped=True``; the loop counts and stops on a streak.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -39,7 +40,7 @@ from .. import ops
 from ..core import decoder
 from ..core.tree import flatten, merge, split, unflatten
 from .loss import loss_fn, supervised_tokens
-from .optim import clip_by_global_norm
+from .optim import clip_by_global_norm, global_norm
 
 log = logging.getLogger("ghostvis.train")
 
@@ -418,10 +419,14 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
                 grads = reducer.sum_grads_(grads)
         if reducer is not None:
             loss = reducer.sum_(loss)
-        grads, norm = clip_by_global_norm(grads, grad_clip)
-        ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+        # one host sync per step, before the update: the update's kernels are left running while
+        # the caller logs and prepares the next batch
+        loss_v, norm_v, tokens_v = torch.stack([loss.double(), global_norm(grads).double(),
+                                                tokens.double()]).tolist()
+        ok = math.isfinite(loss_v) and math.isfinite(norm_v)
         if ok:
+            clip_by_global_norm(grads, grad_clip, norm=norm_v)
             trainable, opt_state = optimizer.update(trainable, grads, opt_state, step)
-        return trainable, opt_state, StepResult(float(loss), float(norm), int(tokens), not ok)
+        return trainable, opt_state, StepResult(loss_v, norm_v, int(tokens_v), not ok)
 
     return train_step
