@@ -46,20 +46,6 @@ class BenchDecode:
     """Folder for ``decode_<preset>.json``."""
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + written)."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 20 / (time.perf_counter() - t0)
-
-
 def param_bytes(params) -> int:
     return sum(t.numel() * t.element_size() for t in gv.flatten(params).values())
 
@@ -91,7 +77,7 @@ def profile_decode(params, cfg, batch: int, compile: bool, slots: int = 512) -> 
     from bench_train import profile_step
 
     from ghostvis.core import decoder
-    from ghostvis.infer.generate import cuda_graph_step
+    from ghostvis.infer.generate import compiled_decode_step, cuda_graph_step, decode_step
     from ghostvis.infer.kv_cache import init_kv_cache, key_valid
 
     device = "cuda"
@@ -100,7 +86,7 @@ def profile_decode(params, cfg, batch: int, compile: bool, slots: int = 512) -> 
     cache = init_kv_cache(cfg.text, batch, slots, device=device, dtype=torch.bfloat16)
     if compile:
         params = {**params, "text": decoder.fuse_projections(params["text"])}
-    step = cuda_graph_step(params, cfg, cache, pad, valid, compile=compile)
+    step = cuda_graph_step(compiled_decode_step() if compile else decode_step, params, cfg, cache, pad, valid)
     tokens = torch.randint(8, 100, (batch,), device=device)
     for _ in range(3):
         step(tokens, slots // 2)
@@ -193,12 +179,9 @@ def time_plain(cfg, batch: int, args: BenchDecode) -> float:
 
 
 def time_hf(cfg, batch: int, args: BenchDecode) -> float:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    t = cfg.text
-    hc = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.dim, intermediate_size=t.ffn_dim,
-                     num_hidden_layers=t.n_layers, num_attention_heads=t.n_heads, num_key_value_heads=t.n_kv_heads,
-                     head_dim=t.head_dim, max_position_embeddings=t.max_seq_len, tie_word_embeddings=False)
-    model = LlamaForCausalLM(hc).to("cuda", torch.bfloat16).eval()
+    from bench_train import hf_llama
+
+    model = hf_llama(cfg.text).to("cuda", torch.bfloat16).eval()
     ids = torch.tensor(_prompts(cfg, batch, args.prompt_len), device="cuda")
     n = min(args.new_tokens, 64)
     kw = dict(do_sample=False, min_new_tokens=n, max_new_tokens=n, pad_token_id=0)
@@ -220,7 +203,9 @@ def main(args: BenchDecode) -> list[dict]:
     cfg = gv.presets.get(args.preset)
     params = gv.init(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
     quantized = None
-    bw = copy_bandwidth()
+    from bench import copy_bandwidth_gbs
+
+    bw = copy_bandwidth_gbs("cuda") * 1e9  # bytes/s, read + written
     results = []
     for row in args.rows:
         int8 = row.startswith("int8")

@@ -253,14 +253,17 @@ def plain_step(cfg: gv.ModelConfig, batch: dict) -> Callable:
     return module_step(model, batch, lambda m, b: m(b["tokens"], b["targets"]))
 
 
-def hf_step(cfg: gv.ModelConfig, batch: dict) -> Callable:
+def hf_llama(t: gv.TextConfig, **overrides) -> nn.Module:
+    """A randomly initialised HF ``LlamaForCausalLM`` of the decoder's shapes (the project's own HF config)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    t = cfg.text
-    hc = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.dim, intermediate_size=t.ffn_dim,
-                     num_hidden_layers=t.n_layers, num_attention_heads=t.n_heads, num_key_value_heads=t.n_kv_heads,
-                     head_dim=t.head_dim, max_position_embeddings=t.max_seq_len, rms_norm_eps=t.norm_eps,
-                     tie_word_embeddings=False, attn_implementation="sdpa")
-    model = LlamaForCausalLM(hc).to("cuda", torch.bfloat16)
+
+    from ghostvis.core.hf import text_config_to_hf
+
+    return LlamaForCausalLM(LlamaConfig(**(text_config_to_hf(t) | overrides)))
+
+
+def hf_step(cfg: gv.ModelConfig, batch: dict) -> Callable:
+    model = hf_llama(cfg.text, attn_implementation="sdpa").to("cuda", torch.bfloat16)
     model = torch.compile(model)
     labels = batch["tokens"]  # HF shifts labels inside its loss: position t predicts labels[t+1]
     return module_step(model, batch, lambda m, b: m(input_ids=b["tokens"], labels=labels).loss)

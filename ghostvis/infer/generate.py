@@ -141,18 +141,16 @@ def compiled_decode_step() -> Callable:
     return _COMPILED["step"]
 
 
-def cuda_graph_step(params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor, *,
-                    compile: bool = False) -> Step:
-    """``step(tokens, slot) -> logits`` that captures :func:`decode_step` as a CUDA graph on first use.
+def cuda_graph_step(fn: Callable, params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor) -> Step:
+    """``step(tokens, slot) -> logits`` that captures ``fn`` (:func:`decode_step` or its compiled form)
+    as a CUDA graph on first use.
 
     Inputs are copied into static buffers and the graph replayed; the returned
     logits live in the graph's static output (valid until the next call).
-    ``compile`` captures the ``torch.compile``-d step instead of the eager one.
     """
     device = pad.device
     static_tokens = torch.zeros(pad.shape[0], dtype=torch.long, device=device)
     static_slot = torch.zeros(1, dtype=torch.long, device=device)
-    fn = compiled_decode_step() if compile else decode_step
     run = lambda: fn(params, cfg, cache, pad, valid, static_tokens, static_slot)  # noqa: E731
     graph, out = None, None
 
@@ -249,10 +247,8 @@ def decode_session(params: dict, cfg: ModelConfig, batch: int, slots: int, *, us
     valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
     cache = init_kv_cache(cfg.text, batch, slots, device=device, dtype=weight.dtype)
     run_params = {**params, "text": _decoder.fuse_projections(params["text"])} if compile else params
-    if use_graph:
-        step = cuda_graph_step(run_params, cfg, cache, pad, valid, compile=compile)
-    else:
-        step = eager_step(compiled_decode_step() if compile else decode_step, run_params, cfg, cache, pad, valid)
+    fn = compiled_decode_step() if compile else decode_step
+    step = (cuda_graph_step if use_graph else eager_step)(fn, run_params, cfg, cache, pad, valid)
     session = {"key": key, "pad": pad, "valid": valid, "cache": cache, "step": step, "busy": False}
     if keep and "entry" not in _SESSION:
         _SESSION["entry"] = session

@@ -29,7 +29,6 @@ never do, since decaying a lookup table pulls rare tokens to zero.
 from __future__ import annotations
 
 import math
-
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -101,18 +100,24 @@ def global_norm(grads) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
-def clip_by_global_norm(grads, max_norm: float, norm: Optional[float] = None) -> tuple[dict, Tensor]:
+def scale_to_max_norm_(grads, max_norm: float, norm: float) -> None:
+    """Scale ``grads`` in place by ``max_norm / norm`` when their global ``norm`` (a float) exceeds it.
+
+    ``max_norm <= 0`` disables clipping; a non-finite norm leaves the gradients untouched.
+    """
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        torch._foreach_mul_(list(as_flat(grads).values()), max_norm / (norm + 1e-6))
+
+
+def clip_by_global_norm(grads, max_norm: float) -> tuple[dict, Tensor]:
     """Scale ``grads`` in place so their global norm is at most ``max_norm``; returns ``(grads, norm_before)``.
 
     ``max_norm <= 0`` disables clipping (the norm is still returned). A non-finite
-    norm leaves the gradients untouched (the train step skips such steps). ``norm``
-    is the already-read value of :func:`global_norm` (saves the host syncs here).
+    norm leaves the gradients untouched (the train step skips such steps).
     """
-    norm_t = global_norm(grads) if norm is None else None
-    value = float(norm_t) if norm is None else norm
-    if max_norm > 0 and math.isfinite(value) and value > max_norm:
-        torch._foreach_mul_(list(as_flat(grads).values()), max_norm / (value + 1e-6))
-    return grads, (norm_t if norm_t is not None else torch.tensor(value))
+    norm = global_norm(grads)
+    scale_to_max_norm_(grads, max_norm, float(norm))
+    return grads, norm
 
 
 # --------------------------------------------------------------------------- AdamW
@@ -362,5 +367,5 @@ def num_updates(state: dict) -> int:
 
 
 __all__ = ["AdamW", "Muon", "Partitioned", "make_optimizer", "is_muon_param", "muon_or_adamw", "decays",
-           "newton_schulz", "global_norm", "clip_by_global_norm", "save_state", "load_state", "as_flat",
-           "num_updates"]
+           "newton_schulz", "global_norm", "clip_by_global_norm", "scale_to_max_norm_", "save_state", "load_state",
+           "as_flat", "num_updates"]

@@ -40,7 +40,7 @@ from .. import ops
 from ..core import decoder
 from ..core.tree import flatten, merge, split, unflatten
 from .loss import loss_fn, supervised_tokens
-from .optim import clip_by_global_norm, global_norm
+from .optim import global_norm, scale_to_max_norm_
 
 log = logging.getLogger("ghostvis.train")
 
@@ -425,7 +425,7 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
                                                 tokens.double()]).tolist()
         ok = math.isfinite(loss_v) and math.isfinite(norm_v)
         if ok:
-            clip_by_global_norm(grads, grad_clip, norm=norm_v)
+            scale_to_max_norm_(grads, grad_clip, norm_v)
             trainable, opt_state = optimizer.update(trainable, grads, opt_state, step)
         return trainable, opt_state, StepResult(loss_v, norm_v, int(tokens_v), not ok)
 
