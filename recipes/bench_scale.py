@@ -463,7 +463,7 @@ class Context:
     dtype: DType = "auto"
     """Parameter dtype (auto: bfloat16 on CUDA, float32 on CPU)."""
     out: str = "scale_out"
-    """Folder for context_<N>[_remat].json."""
+    """Folder for context_<ranks>_<seq>[_remat].json."""
 
 
 def run_context(a: Context) -> dict:
@@ -515,7 +515,7 @@ def run_context(a: Context) -> dict:
     params = state = step_fn = None
     reset_memory(dev)
     if di.is_main:
-        name = f"context_{world}{'_remat' if a.remat else ''}.json"
+        name = f"context_{world}_{a.seq}{'_remat' if a.remat else ''}.json"
         write_json(a.out, name, rec)
         mode = f"context parallel over {world} ranks" if world > 1 else "one device, no context parallelism"
         print(f"\ncontext: {a.preset}, 1 x {a.seq} tokens, {mode}, remat={a.remat}, {rec['dtype']}, "

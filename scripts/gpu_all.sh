@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of BENCHMARKS.md on one 4-GPU host, in two calls of under 10 minutes each.
-# Single-GPU jobs run side by side on different cards (each has a card to itself); multi-GPU
-# jobs run alone. Usage: OUT=/some/dir PHASE=1 scripts/gpu_all.sh, then PHASE=2.
-#   PHASE=1: dp on 1 GPU | bench train d20 | bench decode d20 | remat; then dp on 2 GPUs | ring on 2
-#   PHASE=2: dp on 4 GPUs, dp-report, ring on 4, context on 4; then context on 1 | bench vlm | bench train d12
-#            | packing
+# Every scaling benchmark of BENCHMARKS.md on one 4-GPU host, in two calls of under 10 minutes each.
+# Single-GPU jobs run side by side on different cards (each has a card to itself); multi-GPU jobs run
+# alone. Usage: OUT=/some/dir PHASE=1 scripts/gpu_all.sh, then PHASE=2 (PHASE=3: the bench.py rows).
+#   PHASE=1: dp on 1 GPU, then ring on 2 | context (d12) on 1 GPU at 32k and at $CTX_LONG | packing,
+#            then bench vlm | remat (d20); then ring on 4
+#   PHASE=2: dp on 4 GPUs (dp on 1 again first unless PHASE=1's result is still on this machine),
+#            dp-report, context on 4 GPUs at 32k and at $CTX_LONG
+#   PHASE=3: one GPU: bench train d20 (GhostVis, plain, HF, profile) then bench decode d20
+# Results also go to out/gpu_keep/ (ignored by git), which lives as long as the machine stays warm.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_all_out}
+KEEP=out/gpu_keep
+CTX_LONG=${CTX_LONG:-262144}
+mkdir -p "$KEEP"
 source scripts/gpu_env.sh
 
 scale() {  # name, limit, GPUs, subcommand args...
@@ -15,36 +21,50 @@ scale() {  # name, limit, GPUs, subcommand args...
   local n=$(( $(tr -cd , <<< "$gpus" | wc -c) + 1 ))
   CUDA_VISIBLE_DEVICES=$gpus timeout "$limit" python3 -m torch.distributed.run --standalone --nproc_per_node="$n" \
     recipes/bench_scale.py "$@" --out "$OUT" > "$OUT/$name.log" 2>&1
-  echo "== $name rc=$?"
+  echo "== $name rc=$? $(date +%T)"
 }
 bench() {  # name, limit, GPU, bench.py args...
   local name=$1 limit=$2 gpu=$3; shift 3
   CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" python3 recipes/bench.py "$@" --out "$OUT" > "$OUT/$name.log" 2>&1
-  echo "== $name rc=$?"
+  echo "== $name rc=$? $(date +%T)"
 }
-table() { grep -vE '^(\{|\[rank|[WI][0-9]{4} |.*[Ww]arning|  _warn)' "$OUT/$1.log" | tail -${2:-14}; }
+table() { [ -f "$OUT/$1.log" ] && grep -vE '^(\{|\[rank|[WI][0-9]{4} |.*[Ww]arning|  _warn)' "$OUT/$1.log" | tail -${2:-14}; }
+CTX="context --preset d12 --steps 3 --warmup 1"
+echo "start $(date +%T)"
 
-if [ "${PHASE:-1}" = 1 ]; then
-  scale dp_1 300 0 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2 &
-  bench train_d20 330 1 train --preset d20 --steps 6 --warmup 3 --profile &
-  bench decode 300 2 decode --preset d20 --rows bf16 bf16-inductor int8 plain hf --profile &
-  scale remat 330 3 remat --preset d20 --batch 16 --seq 2048 --policies full selective --steps 3 --warmup 2 \
-    --search-seqs 32768 65536 131072 &
+case "${PHASE:-1}" in
+1)
+  { scale dp_1 200 0 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2
+    cp "$OUT/dp_1.json" "$OUT/device.txt" "$KEEP/" 2>/dev/null; } & p0=$!
+  { scale context_1_32k 150 1 $CTX --seq 32768
+    scale context_1_long 150 1 $CTX --seq "$CTX_LONG" --compile False; } & p1=$!
+  wait $p0 $p1
+  scale ring_2 80 0,1 ring --seq 32768 &
+  { scale packing 200 2 packing --preset d12
+    bench vlm 170 2 vlm --preset d12-vlm --profile; } &
+  scale remat 420 3 remat --preset d20 --batch 16 --seq 2048 --policies full selective --steps 3 --warmup 2 \
+    --search-seqs 32768 65536 131072 262144 &
   wait
-  scale dp_2 150 0,1 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2 &
-  scale ring_2 120 2,3 ring --seq 32768 &
-  wait
-  for t in train_d20 decode; do table $t 22; done
-  for t in dp_1 dp_2 ring_2 remat packing; do table $t 10; done
-else
+  scale ring_4 80 0,1,2,3 ring --seq 32768
+  for t in dp_1 context_1_32k context_1_long ring_2 ring_4 packing remat; do table $t 10; done
+  table vlm 20
+  ;;
+2)
+  if cmp -s "$KEEP/device.txt" "$OUT/device.txt" && [ -f "$KEEP/dp_1.json" ]; then
+    cp "$KEEP/dp_1.json" "$OUT/" && echo "dp_1.json from PHASE=1 on this machine"
+  else
+    scale dp_1 200 0 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2
+  fi
   scale dp_4 170 0,1,2,3 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2
   python3 recipes/bench_scale.py dp-report --out "$OUT" > "$OUT/dp_report.log" 2>&1
-  scale ring_4 100 0,1,2,3 ring --seq 32768
-  scale context_4 180 0,1,2,3 context --preset d12 --seq 32768 --steps 3 --warmup 1
-  scale context_1 170 0 context --preset d12 --seq 32768 --steps 3 --warmup 1 &
-  bench vlm 170 1 vlm --preset d12-vlm --profile &
-  bench train_d12 170 2 train --preset d12 --rows ghostvis plain hf --steps 8 --warmup 3 &
-  scale packing 200 3 packing --preset d12 &
-  wait
-  for t in dp_report ring_4 context_4 context_1 vlm train_d12 packing; do table $t 12; done
-fi
+  scale context_4_32k 140 0,1,2,3 $CTX --seq 32768
+  scale context_4_long 140 0,1,2,3 $CTX --seq "$CTX_LONG" --compile False
+  for t in dp_report context_4_32k context_4_long; do table $t 10; done
+  ;;
+3)
+  bench train_d20 330 0 train --preset d20 --rows ghostvis plain hf --steps 6 --warmup 3 --profile
+  bench decode 240 0 decode --preset d20 --rows bf16 int8 plain hf --profile
+  for t in train_d20 decode; do table $t 24; done
+  ;;
+esac
+echo "end $(date +%T)"

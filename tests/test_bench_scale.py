@@ -110,7 +110,7 @@ def test_context_parallel_two_ranks_trains_like_one_process(tmp_path):
     args = ["context", *TINY, "--seq", "64", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]
     _torchrun(2, args)
     bench_scale.main(args)
-    cp, single = _json(tmp_path / "context_2.json"), _json(tmp_path / "context_1.json")
+    cp, single = _json(tmp_path / "context_2_64.json"), _json(tmp_path / "context_1_64.json")
     assert cp["context_parallel"] and not single["context_parallel"]
     for r in (cp, single):
         assert r["error"] is None and r["losses_finite"] and len(r["losses"]) == 2
@@ -123,7 +123,7 @@ def test_context_remat_writes_its_own_file(tmp_path):
     r = bench_scale.main(["context", *TINY, "--seq", "64", "--steps", "1", "--warmup", "0", "--remat",
                           "--out", str(tmp_path)])
     assert r["remat"] and r["remat_policy"] == "full" and r["error"] is None
-    assert _json(tmp_path / "context_1_remat.json")["losses_finite"]
+    assert _json(tmp_path / "context_1_64_remat.json")["losses_finite"]
 
 
 def test_context_reports_out_of_memory_cleanly(tmp_path, monkeypatch):
@@ -135,7 +135,7 @@ def test_context_reports_out_of_memory_cleanly(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_scale, "make_train_step", oom)
     r = bench_scale.main(["context", *TINY, "--seq", "64", "--steps", "1", "--out", str(tmp_path)])
     assert r["error"] == "out of memory"
-    assert _json(tmp_path / "context_1.json")["error"] == "out of memory"
+    assert _json(tmp_path / "context_1_64.json")["error"] == "out of memory"
 
 
 def test_remat_policies_and_longest_context(tmp_path, capsys):
