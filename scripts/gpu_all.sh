@@ -57,9 +57,10 @@ case "${PHASE:-1}" in
   fi
   scale dp_4 170 0,1,2,3 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2
   python3 recipes/bench_scale.py dp-report --out "$OUT" > "$OUT/dp_report.log" 2>&1
+  scale context_1_long 100 0 $CTX --seq "$CTX_LONG" --compile False
   scale context_4_32k 140 0,1,2,3 $CTX --seq 32768
   scale context_4_long 140 0,1,2,3 $CTX --seq "$CTX_LONG" --compile False
-  for t in dp_report context_4_32k context_4_long; do table $t 10; done
+  for t in dp_report context_1_long context_4_32k context_4_long; do table $t 10; done
   ;;
 3)
   bench train_d20 330 0 train --preset d20 --rows ghostvis plain hf --steps 6 --warmup 3 --profile
@@ -68,3 +69,6 @@ case "${PHASE:-1}" in
   ;;
 esac
 echo "end $(date +%T)"
+# the device hands back only a few files per call: one archive of everything (and a copy kept on the machine)
+cp -r "$OUT"/. "$KEEP"/ 2>/dev/null
+tar czf /tmp/gpu_all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/gpu_all.tgz "$OUT/all.tgz"
