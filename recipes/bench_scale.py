@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -566,27 +567,32 @@ class Remat:
 
 def _train_one_config(cfg, params, opt, state, *, batch: dict, remat_policy: Optional[str], compiled: bool,
                       steps: int, warmup: int, dev: str) -> dict:
-    """Median step time and peak memory of training on ``batch``; ``{"error": ...}`` on OOM."""
+    """Median step time and peak memory of training on ``batch``; ``{"error": ...}`` when it fails.
+
+    Out of memory is an expected result; any other failure is printed with its traceback and
+    recorded too, so one broken row leaves the others measured.
+    """
     fresh_compile_state(compiled)
-    step_fn = make_train_step(cfg, opt, {}, remat_blocks=remat_policy is not None,
-                              remat_policy=remat_policy or "full", compile_grad=compiled, autocast=None)
     reset_memory(dev)
-    box = {"params": params, "state": state, "n": 0}
+    box = {"params": params, "state": state, "n": 0, "fn": None}
 
     def step():
-        box["params"], box["state"], res = step_fn(box["params"], box["state"], [batch], box["n"])
+        box["params"], box["state"], res = box["fn"](box["params"], box["state"], [batch], box["n"])
         box["n"] += 1
         return res
 
     try:
+        box["fn"] = make_train_step(cfg, opt, {}, remat_blocks=remat_policy is not None,
+                                    remat_policy=remat_policy or "full", compile_grad=compiled, autocast=None)
         times, res = time_calls(step, steps, warmup, dev)
         return {"step_s": median(times), "peak_gib": peak_gib(dev), "loss": res.loss, "error": None}
     except Exception as e:
-        if not is_oom(e):
-            raise
-        return {"error": "out of memory"}
+        if is_oom(e):
+            return {"error": "out of memory"}
+        traceback.print_exc()
+        return {"error": f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
     finally:
-        step_fn = box = None
+        box = None
         reset_memory(dev)
 
 
@@ -646,6 +652,8 @@ def run_remat(a: Remat) -> dict:
     for label, res in longest.items():
         top = res["longest_seq"]
         more = " (the largest tried)" if top is not None and top == rec["search_max_tried"] else ""
+        last = res["tried"][-1]["error"] if res["tried"] else None
+        more += f" (the next one: {last})" if last else ""
         print(f"longest context, batch 1, remat {label}: {top if top is not None else 'none of those tried'}{more}")
     sys.stdout.flush()
     return rec

@@ -169,6 +169,23 @@ def test_remat_search_stops_at_the_first_out_of_memory(tmp_path, monkeypatch):
     assert rec["longest"]["full"]["longest_seq"] == 128
 
 
+def test_remat_row_that_fails_is_recorded_and_the_others_run(tmp_path, monkeypatch, capsys):
+    real = bench_scale.make_train_step
+
+    def broken(cfg, opt, frozen, **kw):
+        if kw.get("remat_blocks") and kw.get("remat_policy") == "mlp":
+            raise NotImplementedError("no mlp remat here")
+        return real(cfg, opt, frozen, **kw)
+
+    monkeypatch.setattr(bench_scale, "make_train_step", broken)
+    rec = bench_scale.main(["remat", *TINY, "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "0",
+                            "--policies", "mlp", "full", "--search-seqs", "16", "--out", str(tmp_path)])
+    errors = {row["remat"]: row["error"] for row in rec["rows"]}
+    assert errors == {"off": None, "mlp": "failed: NotImplementedError: no mlp remat here", "full": None}
+    assert "Traceback" in capsys.readouterr().err
+    assert rec["rows"][1]["time_overhead"] is None and rec["rows"][2]["time_overhead"] is not None
+
+
 def test_sft_like_lengths():
     a = bench_scale.Packing(docs=4000, mean_len=400, min_len=8, max_len=2048)
     lengths = [len(s) for s in bench_scale.sft_like_samples(a, vocab=100)]

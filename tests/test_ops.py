@@ -222,6 +222,34 @@ def test_gpu_auto_choice_packed_uses_flex():
     assert dispatch.choose("attention", q, q, q).name == expected
 
 
+def test_under_transform_sees_torch_func_and_compile():
+    x = torch.randn(3)
+    seen = []
+
+    def f(y):
+        seen.append(attn.under_transform(y))
+        return (y * 2).sum()
+
+    f(x)
+    torch.func.grad(f)(x)
+    torch.compile(f, backend="eager", fullgraph=True)(x)
+    assert seen == [False, True, True]
+
+
+@GPU
+def test_gpu_auto_choice_packed_inside_torch_func_grad_is_not_flex():
+    q = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)
+    ids = torch.zeros(1, 128, dtype=torch.long, device="cuda")
+    names = []
+
+    def f(q):
+        names.append(dispatch.choose("attention", q, q, q, doc_ids=ids).name)
+        return ops.attention(q, q, q, doc_ids=ids).float().sum()
+
+    torch.func.grad(f)(q)
+    assert names == ["sdpa"]
+
+
 def test_block_mask_cache_works_inside_torch_func_grad():
     # tensors made inside a torch.func transform have no storage to key the cache by
     ids = doc_ids_from_lengths([[64, 64, 128]])

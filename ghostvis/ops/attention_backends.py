@@ -123,11 +123,23 @@ def flex_attention(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=N
     return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def under_transform(q: Tensor) -> bool:
+    """Whether ``q`` is traced by ``torch.compile`` or wrapped by a ``torch.func`` transform (grad, vmap).
+
+    The compiled FlexAttention kernel cannot run there: ``torch.compile(flex_attention)`` called on
+    a ``torch.func.grad`` wrapper fails to fake-ify its inputs, and the same call traced inside a
+    compiled ``torch.func.grad`` fails the same way (measured on torch 2.11). The training step is
+    exactly that, so packed documents train through the dense-mask SDPA path instead.
+    """
+    # is_compiling first: dynamo cannot trace the functorch query, and never needs to
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(q)
+
+
 def flex_ok(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=None, scale=None) -> bool:
     d = q.shape[-1]
     shape_ok = d >= 16 and d & (d - 1) == 0 and q.shape[2] >= 1
     same_docs_len = doc_ids is None or q.shape[2] == k.shape[2]
-    return q.is_cuda and mask is None and shape_ok and same_docs_len
+    return q.is_cuda and mask is None and shape_ok and same_docs_len and not under_transform(q)
 
 
 def flex_for_documents(q, k, v, *, doc_ids=None, mask=None, **kw) -> bool:

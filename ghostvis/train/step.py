@@ -98,7 +98,10 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _, vjp_fn = torch.func.vjp(ctx.fn, *ctx.saved_tensors)
+        # grad mode on for the recompute: backward passes run with it off, and under torch.compile
+        # the kernels' autograd wrappers would then skip their Function (see ops.library.differentiable)
+        with torch.enable_grad():
+            _, vjp_fn = torch.func.vjp(ctx.fn, *ctx.saved_tensors)
         return (None, *vjp_fn(grad_out))
 
 
@@ -190,7 +193,9 @@ class _LinearsOfRecomputed(torch.autograd.Function):
         # gradients carry; the backward runs outside autocast, so cast to it by hand
         cd = dys[0].dtype
         a2 = a.reshape(-1, a.shape[-1]).to(cd)
-        dws = [(dy.reshape(-1, dy.shape[-1]).T @ a2).to(w.dtype) if ctx.needs_input_grad[2 + i] else None
+        # traced by dynamo, needs_input_grad reads False for weights that torch.func.grad differentiates
+        need = [torch.compiler.is_compiling() or ctx.needs_input_grad[2 + i] for i in range(len(ws))]
+        dws = [(dy.reshape(-1, dy.shape[-1]).T @ a2).to(w.dtype) if need[i] else None
                for i, (dy, w) in enumerate(zip(dys, ws))]
         da = sum(dy @ w.to(cd) for dy, w in zip(dys, ws)).to(a.dtype)
         return (None, None, *dws, *vjp_fn(da))
@@ -302,6 +307,24 @@ def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_polic
     return torch.func.grad_and_value(loss_of_trainable)
 
 
+# Remat recomputes a block inside a custom backward (:class:`_Recompute`). Under torch.compile, dynamo
+# cannot trace the Triton kernels' own autograd Functions there (torch 2.11 fails on the nested
+# Function's context), so with compile + remat these ops run as plain torch, which inductor fuses.
+REMAT_COMPILED_OPS = {"rms_norm": "reference", "swiglu": "reference", "rope": "reference"}
+
+
+def _with_remat_compiled_ops(compiled: Callable) -> Callable:
+    """``compiled`` called with :data:`REMAT_COMPILED_OPS` forced (set outside the traced region)."""
+    log.info("remat under torch.compile: %s run as plain torch for inductor to fuse",
+             ", ".join(sorted(REMAT_COMPILED_OPS)))
+
+    def fn(*args, **kwargs):
+        with ops.use(**REMAT_COMPILED_OPS):
+            return compiled(*args, **kwargs)
+
+    return fn
+
+
 def compile(fn: Callable, **compile_kwargs) -> Callable:
     """``torch.compile(fn)``: the compile transform (kwargs go to ``torch.compile``, e.g. ``backend=``)."""
     return torch.compile(fn, **compile_kwargs)
@@ -400,6 +423,8 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     grad_fn = value_and_grad(cfg, frozen, **kw)
     if compile_grad:
         grad_fn = compile(grad_fn, **(compile_kwargs or {}))
+        if remat_blocks:
+            grad_fn = _with_remat_compiled_ops(grad_fn)
     overlap = overlaps(reducer) and not compile_grad
     if overlaps(reducer) and compile_grad:
         log.info("gradient all-reduce: after the backward (it cannot overlap a compiled backward)")
