@@ -802,7 +802,7 @@ def run_packing(a: Packing) -> dict:
            "max_len": a.max_len, "padding": f"to the batch's longest document, rounded up to a multiple of "
            f"{a.pad_multiple}, {a.padded_batch} documents per batch in data order (dense causal attention)",
            "packing": f"best-fit decreasing into rows of {a.max_len}, {a.packed_batch} rows per batch "
-           "(attention within documents: flex on CUDA)",
+           "(attention within documents: SDPA with a dense document mask on CUDA)",
            "dtype": str(dtype).split(".")[-1], "compile": compiled, "compile_error": compile_error,
            "device": device_name(dev), "padded": res["padded"], "packed": res["packed"], "speedup": ratio,
            "target": 1.5}

@@ -7,7 +7,7 @@
 #   PHASE=2: dp on 4 GPUs (dp on 1 again first unless PHASE=1's result is still on this machine),
 #            dp-report, context on 4 GPUs at 32k and at $CTX_LONG
 #   PHASE=3: remat (d20) | packing (d12) | GPU tests then bench train d12 | bench train d20 (with profile)
-#   PHASE=4: one GPU: bench decode d20
+#   PHASE=4: remat (d20) | GPU tests | bench decode d20
 # Results also go to out/gpu_keep/ (ignored by git), which lives as long as the machine stays warm.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,8 +78,14 @@ case "${PHASE:-1}" in
   table train_d20 24
   ;;
 4)
-  bench decode 300 0 decode --preset d20 --rows bf16 int8 plain hf --profile
-  table decode 24
+  # remat again (after its fixes) | GPU tests | decode, one card each
+  scale remat 400 0 remat --preset d20 --batch 16 --seq 2048 --policies full selective --steps 3 --warmup 2 \
+    --search-seqs 32768 65536 131072 262144 &
+  { CUDA_VISIBLE_DEVICES=1 HYPOTHESIS_PROFILE=ci timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_train.py tests/test_ops.py > "$OUT/gpu_tests.log" 2>&1; echo "== gpu_tests rc=$? $(date +%T)"; } &
+  bench decode 300 2 decode --preset d20 --rows bf16 int8 plain hf --profile &
+  wait
+  table remat 12; tail -3 "$OUT/gpu_tests.log"; table decode 24
   ;;
 esac
 echo "end $(date +%T)"

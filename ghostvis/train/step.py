@@ -83,8 +83,27 @@ def partition(params: dict, spec: str) -> tuple[Flat, Flat]:
 # --------------------------------------------------------------------------- remat
 
 
+def _after(x: Tensor, dep: Tensor) -> Tensor:
+    """``x`` (same values) made to depend on ``dep``, when traced by ``torch.compile``; else ``x`` itself.
+
+    A compiled ``torch.func.grad`` is one graph holding the forward and the backward, so a
+    backward that recomputes the forward from the same inputs is common-subexpression-eliminated
+    into the forward's result: the activations stay alive and remat saves nothing. Tying the
+    recompute's input to the incoming gradient makes it a different expression that can only run
+    in the backward. (A NaN in ``dep`` spreads to the result, as it would to the gradient anyway.)
+    """
+    if not torch.compiler.is_compiling():
+        return x
+    return x + (dep.reshape(-1)[0] * 0).to(x.dtype)
+
+
 class _Recompute(torch.autograd.Function):
-    """Runs ``fn(*args)`` without saving activations; the backward recomputes it under ``torch.func.vjp``."""
+    """Runs ``fn(*args)`` without saving activations; the backward recomputes it under ``torch.func.vjp``.
+
+    The backward runs under ``no_grad``: ``torch.func.grad`` differentiates with ``create_graph``,
+    so otherwise every block's recompute would be recorded for a second derivative and its
+    activations kept until the whole backward ends (more memory than no remat at all).
+    """
 
     @staticmethod
     def forward(fn, *args):
@@ -98,11 +117,10 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        # grad mode on for the recompute: backward passes run with it off, and under torch.compile
-        # the kernels' autograd wrappers would then skip their Function (see ops.library.differentiable)
-        with torch.enable_grad():
-            _, vjp_fn = torch.func.vjp(ctx.fn, *ctx.saved_tensors)
-        return (None, *vjp_fn(grad_out))
+        x, *leaves = ctx.saved_tensors
+        with torch.no_grad():  # vjp differentiates at its own level regardless
+            _, vjp_fn = torch.func.vjp(ctx.fn, _after(x, grad_out), *leaves)
+            return (None, *vjp_fn(grad_out))
 
 
 def _plain(t: Tensor) -> Tensor:
@@ -187,8 +205,13 @@ class _LinearsOfRecomputed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dys):
+        with torch.no_grad():  # not recorded for a second derivative (see _Recompute)
+            return _LinearsOfRecomputed._backward(ctx, *dys)
+
+    @staticmethod
+    def _backward(ctx, *dys):
         ws, xs = ctx.saved_tensors[:ctx.n_weights], ctx.saved_tensors[ctx.n_weights:]
-        a, vjp_fn = torch.func.vjp(ctx.fn, *xs)
+        a, vjp_fn = torch.func.vjp(ctx.fn, *(_after(x, dys[0]) for x in xs))
         # under autocast the forward's matmuls ran in the autocast dtype, which the incoming
         # gradients carry; the backward runs outside autocast, so cast to it by hand
         cd = dys[0].dtype
