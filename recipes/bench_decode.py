@@ -12,6 +12,7 @@ rows, the GPU time of one decode step by kernel category and the LM head's share
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -198,7 +199,7 @@ def main(args: BenchDecode) -> list[dict]:
         raise SystemExit("bench decode needs a CUDA device")
     from bench_train import write_json
 
-    from ghostvis.infer import generate as generate_mod
+    generate_mod = importlib.import_module("ghostvis.infer.generate")  # the package's `generate` is the function
 
     cfg = gv.presets.get(args.preset)
     params = gv.init(cfg, seed=0, device="cuda", dtype=torch.bfloat16)

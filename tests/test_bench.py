@@ -72,3 +72,13 @@ def test_plain_decoder_runs_on_cpu():
     assert logits.shape == (2, t.vocab_size) and torch.isfinite(logits).all()
     nxt = model(logits.argmax(-1)[:, None], torch.tensor([5]))
     assert nxt.shape == (2, t.vocab_size)
+
+
+def test_bench_decode_reaches_the_generate_module():
+    # ``ghostvis.infer.generate`` the attribute is the function; the bench needs the module's session API
+    import importlib
+
+    mod = importlib.import_module("ghostvis.infer.generate")
+    assert callable(mod.release_decode_session) and isinstance(mod.COMPILED_DECODE_OPS, dict)
+    src = (Path(__file__).parent.parent / "recipes" / "bench_decode.py").read_text()
+    assert 'import_module("ghostvis.infer.generate")' in src
