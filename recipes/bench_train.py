@@ -83,7 +83,7 @@ CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
     ("attention", r"flash|fmha|cudnn|attention|sdpa|flex"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("loss", r"cross_entropy|log_softmax|nll|_ce_|logsumexp"),
-    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|triton_tem|_mm_|matmul|splitk"),
+    ("matmul", r"gemm|gemv|cutlass|xmma|nvjet|cublas|triton_tem|_mm_|matmul|splitk"),
     ("norms/elementwise", r"triton|rms|swiglu|rope|elementwise|vectorized|reduce|silu|mul|add"),
 ]
 
