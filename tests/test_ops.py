@@ -260,3 +260,12 @@ def test_block_mask_cache_works_inside_torch_func_grad():
 
     n_blocks = attn.document_block_mask(ids, 256, 256, batch=1, device=ids.device).kv_num_blocks.sum()
     torch.testing.assert_close(torch.func.grad(f)(torch.ones(3), ids), torch.full((3,), float(n_blocks)))
+
+
+def test_log_once_says_each_thing_once(caplog):
+    key = "test-log-once-key"
+    dispatch._SAID.discard(key)
+    with caplog.at_level("INFO", logger="ghostvis.ops"):
+        for i in range(3):
+            dispatch.log_once(key, "fallback number %d", i)
+    assert [r.getMessage() for r in caplog.records] == ["fallback number 0"]

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import dispatch
 from .reference import attention_mask
 
 Tensor = torch.Tensor
@@ -139,7 +140,13 @@ def flex_ok(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=None, sc
     d = q.shape[-1]
     shape_ok = d >= 16 and d & (d - 1) == 0 and q.shape[2] >= 1
     same_docs_len = doc_ids is None or q.shape[2] == k.shape[2]
-    return q.is_cuda and mask is None and shape_ok and same_docs_len and not under_transform(q)
+    ok = q.is_cuda and mask is None and shape_ok and same_docs_len
+    if ok and under_transform(q):
+        if doc_ids is not None:
+            dispatch.log_once("no-flex-under-transform", "packed documents inside torch.func / torch.compile: "
+                              "FlexAttention cannot run there, attention takes a dense document mask instead")
+        return False
+    return ok
 
 
 def flex_for_documents(q, k, v, *, doc_ids=None, mask=None, **kw) -> bool:

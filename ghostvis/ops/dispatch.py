@@ -45,6 +45,16 @@ _FORCED: dict[str, str] = {}
 _LOGGED: set[tuple[str, str]] = set()
 
 
+_SAID: set = set()
+
+
+def log_once(key: str, msg: str, *args) -> None:
+    """``log.info(msg, *args)`` the first time ``key`` comes up in this process (never while compiling)."""
+    if key not in _SAID and not torch.compiler.is_compiling():
+        _SAID.add(key)
+        log.info(msg, *args)
+
+
 def _always(*args, **kwargs) -> bool:
     return True
 

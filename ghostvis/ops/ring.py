@@ -37,14 +37,14 @@ Two implementations of one hop (``impl``, or the module default :data:`IMPL`):
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from . import dispatch
+
 Tensor = torch.Tensor
-log = logging.getLogger(__name__)
 
 IMPL = "auto"  # default hop implementation: "auto" | "reference" | "fused"
 _IMPLS = ("auto", "reference", "fused")
@@ -347,15 +347,11 @@ def _use_fused(q, k, v, doc_ids, impl: str) -> bool:
     if impl == "fused" and doc_ids is not None:
         raise ValueError("the fused ring hop takes no doc_ids; use impl='reference' for packed documents")
     fused = impl == "fused" or (impl == "auto" and doc_ids is None and fused_supported(q, k, v))
-    if impl == "auto" and q.is_cuda and not fused and not _FELL_BACK:
-        _FELL_BACK.add(True)
-        log.info("ring attention: float32 reference hops on CUDA (%s)",
-                 "packed documents (doc_ids)" if doc_ids is not None else
-                 f"no flash kernel for dtype {q.dtype}, head dim {q.shape[-1]}")
+    if impl == "auto" and q.is_cuda and not fused:
+        dispatch.log_once("ring-reference-hops", "ring attention: float32 reference hops on CUDA (%s)",
+                          "packed documents (doc_ids)" if doc_ids is not None else
+                          f"no flash kernel for dtype {q.dtype}, head dim {q.shape[-1]}")
     return fused
-
-
-_FELL_BACK: set = set()  # logged once per process
 
 
 # ----------------------------------------------------------------------------- the ring
