@@ -184,6 +184,15 @@ def test_gpu_full_remat_cuts_peak_memory(compiled):
     assert peaks[True] < 0.5 * peaks[False], peaks
 
 
+def test_remat_tie_to_the_gradient_survives_inductor():
+    # compiled, the recompute's input must really depend on the incoming gradient; a product with the
+    # integer 0 is folded away by inductor, which a NaN reveals (NaN * 0.0 is NaN, a folded zero is not)
+    x, dep = torch.ones(4), torch.full((3,), float("nan"))
+    assert torch.equal(tstep._after(x, dep), x)  # eager: x itself
+    tied = torch.compile(tstep._after, backend="inductor", fullgraph=True)(x, dep)
+    assert torch.isnan(tied).all()
+
+
 def test_compiled_remat_step_runs_kernels_with_their_own_autograd():
     # Triton kernels are autograd Functions; dynamo cannot trace those inside remat's recompute, so
     # the compiled remat step swaps them for plain torch. Stand-in: a Function-wrapped RMSNorm forced on.

@@ -89,13 +89,14 @@ def _after(x: Tensor, dep: Tensor) -> Tensor:
     A compiled ``torch.func.grad`` is one graph holding the forward and the backward. A recompute
     that reads only the block's input may be scheduled, and fused, with the forward's identical
     computation, which keeps its results alive until the backward and undoes the remat (a 4-layer
-    graph compiled for CPU planned 1.75x the peak without this). Tying the recompute's input to
-    the incoming gradient means it can only run in the backward. (A NaN in ``dep`` spreads to the
-    result, as it would to the gradient anyway.)
+    graph compiled for CPU planned 3x the peak without this). Tying the recompute's input to
+    the incoming gradient means it can only run in the backward. The factor is the float ``0.0``:
+    inductor folds a product with the integer ``0`` to zeros and the tie with it. (A NaN in ``dep``
+    spreads to the result, as it would to the gradient anyway.)
     """
     if not torch.compiler.is_compiling():
         return x
-    return x + (dep.reshape(-1)[0] * 0).to(x.dtype)
+    return x + (dep.reshape(-1)[0] * 0.0).to(x.dtype)
 
 
 class _Recompute(torch.autograd.Function):
@@ -341,9 +342,9 @@ def _with_remat_compiled_ops(compiled: Callable) -> Callable:
     """``compiled`` called with :data:`REMAT_COMPILED_OPS` forced (set outside the traced region)."""
     log.info("remat under torch.compile: %s run as plain torch for inductor to fuse",
              ", ".join(sorted(REMAT_COMPILED_OPS)))
-    log.warning("remat under torch.compile saves far less memory than eager remat (the compiled graph keeps "
-                "more than each block's input: d20 peak 1.4x lower compiled, 4.4x eager; BENCHMARKS.md). "
-                "Where memory is the limit, train with remat and without compile.")
+    log.warning("remat under torch.compile may save much less memory than eager remat (on d20 an earlier build "
+                "measured a 1.4x lower peak compiled, 4.4x eager; BENCHMARKS.md). Where memory is the limit, "
+                "train with remat and without compile.")
 
     def fn(*args, **kwargs):
         with ops.use(**REMAT_COMPILED_OPS):
