@@ -35,10 +35,10 @@ def main(layers: int, batch: int, seq: int, code_dir: str | None = None) -> None
     n = torch.tensor(float(tokens.numel()), device="cuda")
     for policy in ("off", "full", "selective"):
         torch._dynamo.reset()
-        fn = tstep.compile(tstep.value_and_grad(cfg, {}, remat_blocks=policy != "off",
-                                                remat_policy="full" if policy == "off" else policy, select=False))
-        if policy != "off":
-            fn = tstep._with_remat_compiled_ops(fn)
+        remat = policy != "off"
+        fn = tstep.compile_value_and_grad(tstep.value_and_grad(cfg, {}, remat_blocks=remat,
+                                                     remat_policy=policy if remat else "full", select=False),
+                                remat_blocks=remat)
         _, codes = run_and_get_code(fn, trainable, b, n)  # compiles and runs once
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

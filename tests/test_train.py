@@ -172,7 +172,7 @@ def test_gpu_full_remat_cuts_peak_memory(compiled):
         torch._dynamo.reset()  # a second torch.func.grad variant compiled in one process trips dynamo
         fn = tstep.value_and_grad(cfg, {}, remat_blocks=remat, select=not compiled)
         if compiled:
-            fn = tstep._with_remat_compiled_ops(tstep.compile(fn)) if remat else tstep.compile(fn)
+            fn = tstep.compile_value_and_grad(fn, remat_blocks=remat)
         fn(trainable, b, n)  # warm-up (compilation, kernel caches)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

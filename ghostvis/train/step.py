@@ -353,6 +353,12 @@ def _with_remat_compiled_ops(compiled: Callable) -> Callable:
     return fn
 
 
+def compile_value_and_grad(grad_fn: Callable, *, remat_blocks: bool = False, **compile_kwargs) -> Callable:
+    """:func:`compile` of a :func:`value_and_grad` function, with the op choice remat needs compiled."""
+    compiled = compile(grad_fn, **compile_kwargs)
+    return _with_remat_compiled_ops(compiled) if remat_blocks else compiled
+
+
 def compile(fn: Callable, **compile_kwargs) -> Callable:
     """``torch.compile(fn)``: the compile transform (kwargs go to ``torch.compile``, e.g. ``backend=``)."""
     return torch.compile(fn, **compile_kwargs)
@@ -450,9 +456,7 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     kw = dict(remat_blocks=remat_blocks, remat_policy=remat_policy, select=not compile_grad, autocast=autocast)
     grad_fn = value_and_grad(cfg, frozen, **kw)
     if compile_grad:
-        grad_fn = compile(grad_fn, **(compile_kwargs or {}))
-        if remat_blocks:
-            grad_fn = _with_remat_compiled_ops(grad_fn)
+        grad_fn = compile_value_and_grad(grad_fn, remat_blocks=remat_blocks, **(compile_kwargs or {}))
     overlap = overlaps(reducer) and not compile_grad
     if overlaps(reducer) and compile_grad:
         log.info("gradient all-reduce: after the backward (it cannot overlap a compiled backward)")
