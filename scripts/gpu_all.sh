@@ -31,12 +31,12 @@ bench() {  # name, limit, GPU, bench.py args...
 }
 table() { [ -f "$OUT/$1.log" ] && grep -vE '^(\{|\[rank|[WI][0-9]{4} |.*[Ww]arning|  _warn)' "$OUT/$1.log" | tail -${2:-14}; }
 CTX="context --preset d12 --steps 3 --warmup 1"
+DP="dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2"
 echo "start $(date +%T)"
 
 case "${PHASE:-1}" in
 1)
-  { scale dp_1 200 0 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2
-    cp "$OUT/dp_1.json" "$OUT/device.txt" "$KEEP/" 2>/dev/null; } & p0=$!
+  scale dp_1 200 0 $DP & p0=$!
   { scale context_1_32k 150 1 $CTX --seq 32768
     scale context_1_long 150 1 $CTX --seq "$CTX_LONG" --compile False; } & p1=$!
   wait $p0 $p1
@@ -51,9 +51,9 @@ case "${PHASE:-1}" in
   if cmp -s "$KEEP/device.txt" "$OUT/device.txt" && [ -f "$KEEP/dp_1.json" ]; then
     cp "$KEEP/dp_1.json" "$OUT/" && echo "dp_1.json from PHASE=1 on this machine"
   else
-    scale dp_1 200 0 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2
+    scale dp_1 200 0 $DP
   fi
-  scale dp_4 170 0,1,2,3 dp --preset d20 --batch 16 --seq 2048 --steps 6 --warmup 2
+  scale dp_4 170 0,1,2,3 $DP
   python3 recipes/bench_scale.py dp-report --out "$OUT" > "$OUT/dp_report.log" 2>&1
   scale context_1_long 100 0 $CTX --seq "$CTX_LONG" --compile False
   scale context_4_32k 140 0,1,2,3 $CTX --seq 32768
