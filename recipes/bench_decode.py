@@ -36,8 +36,10 @@ class BenchDecode:
     new_tokens: int = 256
     """Generated tokens per row (no stop token: every row runs to the end)."""
     rows: list[str] = field(default_factory=lambda: ["bf16", "int8", "bf16-eager", "plain", "hf"])
-    """Which to run: bf16 / int8 (compiled step), bf16-inductor (compiled, plain-torch elementwise ops and
-    attention), bf16-eager / int8-eager (eager ops captured), plain, hf."""
+    """Which to run: bf16 / int8 (compiled step), bf16-unfused (compiled, without the decode kernels of
+    ``ghostvis.ops.decode``: SDPA, separate residual adds, RoPE then cache copies), bf16-inductor
+    (compiled, every elementwise op and attention as plain torch), bf16-eager / int8-eager (eager ops
+    captured), plain, hf."""
     profile: bool = False
     """Profile one decode step per GhostVis row (GPU time per kernel category)."""
     reuse: bool = True
@@ -56,9 +58,10 @@ def _prompts(cfg, batch: int, length: int) -> list[list[int]]:
     return torch.randint(8, cfg.text.vocab_size, (batch, length), generator=g).tolist()
 
 
-def time_generate(params, cfg, batch: int, args: BenchDecode, compile: bool) -> tuple[float, float]:
-    """Tokens/s of one whole ``generate`` call (after a warm-up call of the same shapes), and of its
-    decoding alone (first token out to last, i.e. without prefill and graph capture)."""
+def time_generate(params, cfg, batch: int, args: BenchDecode, compile: bool) -> tuple[float, float, float]:
+    """Tokens/s of one whole ``generate`` call (after a warm-up call of the same shapes), of its
+    decoding alone (first token out to last, i.e. without prefill and graph capture), and the
+    milliseconds to the first token (the prefill)."""
     prompts = _prompts(cfg, batch, args.prompt_len)
     gv.generate(params, cfg, prompts, max_new_tokens=args.new_tokens, compile=compile, reuse=args.reuse)  # warm-up
     torch.cuda.synchronize()
@@ -70,7 +73,7 @@ def time_generate(params, cfg, batch: int, args: BenchDecode, compile: bool) -> 
             t_first = time.perf_counter()
     torch.cuda.synchronize()
     t1 = time.perf_counter()
-    return n / (t1 - t0), (n - batch) / (t1 - t_first)
+    return n / (t1 - t0), (n - batch) / (t1 - t_first), 1e3 * (t_first - t0)
 
 
 def profile_decode(params, cfg, batch: int, compile: bool, slots: int = 512) -> dict:
@@ -213,12 +216,16 @@ def main(args: BenchDecode) -> list[dict]:
         if int8 and quantized is None:
             quantized = gv.quantize(params, "int8")
         p = quantized if int8 else params
-        compile = row in ("bf16", "int8", "bf16-inductor")
+        compile = row in ("bf16", "int8", "bf16-inductor", "bf16-unfused")
         generate_mod.release_decode_session()
         generate_mod.COMPILED_DECODE_OPS.clear()
+        if row == "bf16-unfused":  # the step as it was before the decode kernels
+            generate_mod.COMPILED_DECODE_OPS.update(attention="sdpa", add_rms_norm="reference",
+                                                    rope_into_cache="reference")
         if row == "bf16-inductor":  # the elementwise ops and attention as plain torch, for inductor to fuse
             generate_mod.COMPILED_DECODE_OPS.update(rms_norm="reference", swiglu="reference", rope="reference",
-                                                    attention="reference")
+                                                    attention="reference", add_rms_norm="reference",
+                                                    rope_into_cache="reference")
         torch._dynamo.reset()
         roof = bw / param_bytes(p)
         for b in args.batches:
@@ -230,7 +237,8 @@ def main(args: BenchDecode) -> list[dict]:
                 elif row == "plain":
                     r["tokens_per_s"] = time_plain(cfg, b, args)
                 else:
-                    r["tokens_per_s"], r["decode_tokens_per_s"] = time_generate(p, cfg, b, args, compile)
+                    r["tokens_per_s"], r["decode_tokens_per_s"], r["first_token_ms"] = time_generate(
+                        p, cfg, b, args, compile)
                     if args.profile:
                         r["profile"] = profile_decode(p, cfg, b, compile)
             except Exception as e:
@@ -240,7 +248,7 @@ def main(args: BenchDecode) -> list[dict]:
     print(f"\n{args.preset} decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'impl':<14} {'batch':>5} {'tok/s':>9} {'decode tok/s':>13} {'% roofline (per seq)':>21} "
-          f"{'step ms':>8} {'LM head ms':>10}")
+          f"{'step ms':>8} {'LM head ms':>10} {'1st token ms':>12}")
     for r in results:
         if "error" in r:
             print(f"{r['impl']:<14} {r['batch']:>5} {r['error']}")
@@ -251,8 +259,9 @@ def main(args: BenchDecode) -> list[dict]:
         head = f"{prof['lm_head_ms']:.3f}" if prof else "-"
         dec = r.get("decode_tokens_per_s")
         dec = f"{dec:.0f}" if dec else "-"
+        first = f"{r['first_token_ms']:.1f}" if "first_token_ms" in r else "-"
         print(f"{r['impl']:<14} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {dec:>13} "
-              f"{100 * per_seq / r['roofline_tok_s_per_seq']:>20.1f}% {step:>8} {head:>10}")
+              f"{100 * per_seq / r['roofline_tok_s_per_seq']:>20.1f}% {step:>8} {head:>10} {first:>12}")
     for r in results:
         if r.get("profile"):
             cats = r["profile"]["by_category_ms"]

@@ -35,7 +35,7 @@ def test_modes_need_cuda_and_say_so():
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),
     ("triton_tem_fused_flex_attention_0", "attention"),
     ("swiglu_bwd", "norms/elementwise"),
-    ("int8_gemv", "matmul"),
+    ("gemv", "matmul"),
     ("triton_poi_fused__unsafe_view_add_5", "norms/elementwise"),
     ("rms_norm_fwd", "norms/elementwise"),
     ("cross_entropy_rows", "loss"),

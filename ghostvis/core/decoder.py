@@ -139,13 +139,12 @@ def attend(p: dict, cfg: TextConfig, q: Tensor, k: Tensor, v: Tensor, cos: Tenso
     if cfg.qk_norm:
         q = ops.rms_norm(q, p["q_norm"], cfg.norm_eps)
         k = ops.rms_norm(k, p["k_norm"], cfg.norm_eps)
-    q, k = ops.rope(q, k, cos, sin)
     if kv_cache is None:
+        q, k = ops.rope(q, k, cos, sin)
         o = ops.attention(q, k, v, causal=True, doc_ids=doc_ids)
     else:
         k_buf, v_buf = kv_cache
-        k_buf.index_copy_(2, cache_pos, k.to(k_buf.dtype))
-        v_buf.index_copy_(2, cache_pos, v.to(v_buf.dtype))
+        q = ops.rope_into_cache(q, k, v, cos, sin, k_buf, v_buf, cache_pos)
         o = ops.attention(q, k_buf, v_buf, causal=False, mask=attn_mask)
     o = o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd)
     return project(o, p["wo"])
@@ -182,6 +181,8 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
     """
     positions = default_positions(x) if positions is None else positions
     cos, sin = rope_tables(cfg, positions)
+    if kv_cache is not None and block_fn is None:
+        return cached_blocks(params, cfg, x, cos, sin, kv_cache, cache_pos, attn_mask)
     block_fn = block if block_fn is None else block_fn
     for i, lp in enumerate(params["layers"]):
         kw = {"doc_ids": doc_ids}
@@ -189,6 +190,22 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
             kw |= {"kv_cache": kv_cache[i], "cache_pos": cache_pos, "attn_mask": attn_mask}
         x = block_fn(lp, cfg, x, cos, sin, **kw)
     return ops.rms_norm(x, params["norm"], cfg.norm_eps)
+
+
+def cached_blocks(params: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: list,
+                  cache_pos: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+    """The blocks and final norm of :func:`decode_hidden` against a KV cache (prefill and decode).
+
+    The same model as a loop of :func:`block`, but each residual add runs with the
+    norm after it (``ops.add_rms_norm``): one kernel where a decode step ran two.
+    """
+    eps, branch = cfg.norm_eps, None
+    for lp, cache in zip(params["layers"], kv_cache):
+        x, h = ops.add_rms_norm(x, branch, lp["attn_norm"], eps)
+        a = attention_block(lp["attn"], cfg, h, cos, sin, kv_cache=cache, cache_pos=cache_pos, attn_mask=attn_mask)
+        x, h = ops.add_rms_norm(x, a, lp["mlp_norm"], eps)
+        branch = mlp_block(lp["mlp"], h)
+    return ops.add_rms_norm(x, branch, params["norm"], eps)[1]
 
 
 def lm_head_weight(params: dict) -> Tensor:

@@ -76,14 +76,20 @@ def stack_images(images: Optional[Sequence[Sequence[Tensor]]], device, dtype) ->
 
 
 def prefill(params: dict, cfg: ModelConfig, tokens: Tensor, pad: Tensor, valid: Tensor, cache: list,
-            images: Optional[Tensor]) -> Tensor:
+            images: Optional[Tensor], text_fn: Optional[Callable] = None) -> Tensor:
     """Run the left-padded prompts ``[B, P]`` through the model, filling slots ``0..P-1`` of ``cache``.
 
-    Returns the float32 logits ``[B, vocab]`` at the last prompt position.
+    Returns the float32 logits ``[B, vocab]`` at the last prompt position. Images are encoded
+    and merged here; the decoder part runs as ``text_fn`` (:func:`prefill_text` or its compiled form).
     """
-    cache_pos = torch.arange(tokens.shape[1], device=tokens.device)
     image_embeds = encode_images(params, cfg, images) if images is not None else None
     x = embed(params, cfg, tokens, image_embeds=image_embeds)
+    return (text_fn or prefill_text)(params, cfg, x, pad, valid, cache)
+
+
+def prefill_text(params: dict, cfg: ModelConfig, x: Tensor, pad: Tensor, valid: Tensor, cache: list) -> Tensor:
+    """The decoder part of :func:`prefill`, from the prompt embeddings ``x`` ``[B, P, dim]``."""
+    cache_pos = torch.arange(x.shape[1], device=x.device)
     h = _decoder.decode_hidden(params["text"], cfg.text, x, positions_at(cache_pos, pad), kv_cache=cache,
                                cache_pos=cache_pos, attn_mask=attention_mask(cache_pos, valid))
     return _decoder.logits(params["text"], h[:, -1]).float()
@@ -123,22 +129,38 @@ def compiled_decode_step() -> Callable:
     Every new batch size, cache size, config or dtype compiles again; past dynamo's recompile
     limit the step runs eagerly (still captured as a CUDA graph) and says so once.
     """
-    if "step" not in _COMPILED:
-        compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _compiled("step", decode_step)
 
-        def step(*args):
+
+def compiled_prefill_text() -> Callable:
+    """:func:`prefill_text` under ``torch.compile``, like :func:`compiled_decode_step`.
+
+    ``generate(compile=True)`` pads prompts to a multiple of :data:`PROMPT_BUCKET` tokens, so
+    prompts of nearby lengths share one compiled prefill.
+    """
+    return _compiled("prefill", prefill_text)
+
+
+def _compiled(name: str, fn: Callable) -> Callable:
+    if name not in _COMPILED:
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+
+        def run(*args):
             with ops.use(**COMPILED_DECODE_OPS):
                 try:
                     return compiled(*args)
                 except _RECOMPILE_LIMIT_ERRORS:
-                    if not _COMPILED.get("warned"):
-                        _COMPILED["warned"] = True
-                        log.warning("decode step: torch.compile's recompile limit reached (too many distinct "
-                                    "batch/cache shapes); running the step uncompiled for new shapes")
-                    return decode_step(*args)
+                    if not _COMPILED.get(f"warned_{name}"):
+                        _COMPILED[f"warned_{name}"] = True
+                        log.warning("%s: torch.compile's recompile limit reached (too many distinct batch/cache "
+                                    "shapes); running it uncompiled for new shapes", fn.__name__)
+                    return fn(*args)
 
-        _COMPILED["step"] = step
-    return _COMPILED["step"]
+        _COMPILED[name] = run
+    return _COMPILED[name]
+
+
+PROMPT_BUCKET = 64  # compiled generation left-pads prompts to a multiple of this many tokens
 
 
 def cuda_graph_step(fn: Callable, params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor) -> Step:
@@ -199,20 +221,23 @@ def stream(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     n_new = min(max_new_tokens, cfg.text.max_seq_len - longest)
     if n_new <= 0:
         return
-    # compiled steps recompile per cache shape: round the slots up so nearby lengths share one
+    if compile:
+        # compiled code recompiles per shape: more left padding (which every row's positions and
+        # mask already account for) rounds the prompt width, and the cache slots, up to a few sizes
+        longest = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     slots = longest + n_new
     if compile:
         slots = min(-(-slots // 256) * 256, max(cfg.text.max_seq_len, slots))
     pad_id = 0 if cfg.image_token_id != 0 else 1  # any id that is not an image placeholder
-    tokens, pad = left_pad([list(p) for p in prompts], pad_id, device)
+    tokens, pad = left_pad([list(p) for p in prompts], pad_id, device, width=longest)
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     session = decode_session(params, cfg, len(prompts), slots, use_graph=use_graph, compile=compile, keep=reuse)
     session["busy"] = True
     session["pad"].copy_(pad)
     session["valid"].copy_(key_valid(pad, slots))
     try:
-        logits = prefill(params, cfg, tokens, session["pad"], session["valid"], session["cache"],
-                         stack_images(images, device, dtype))
+        logits = prefill(session["params"], cfg, tokens, session["pad"], session["valid"], session["cache"],
+                         stack_images(images, device, dtype), session["prefill"])
         yield from _decode(session["step"], logits, n_new, longest, pad_id, stop_ids, temperature, top_k, top_p,
                            seed, device)
     finally:
@@ -249,7 +274,8 @@ def decode_session(params: dict, cfg: ModelConfig, batch: int, slots: int, *, us
     run_params = {**params, "text": _decoder.fuse_projections(params["text"])} if compile else params
     fn = compiled_decode_step() if compile else decode_step
     step = (cuda_graph_step if use_graph else eager_step)(fn, run_params, cfg, cache, pad, valid)
-    session = {"key": key, "pad": pad, "valid": valid, "cache": cache, "step": step, "busy": False}
+    session = {"key": key, "pad": pad, "valid": valid, "cache": cache, "step": step, "busy": False,
+               "params": run_params, "prefill": compiled_prefill_text() if compile else prefill_text}
     if keep and "entry" not in _SESSION:
         _SESSION["entry"] = session
     return session

@@ -28,9 +28,17 @@ def init_kv_cache(cfg: TextConfig, batch: int, slots: int, *, device: str | torc
             for _ in range(cfg.n_layers)]
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-    """Prompts as one left-padded ``[B, P]`` LongTensor, plus ``pad`` ``[B]`` (pad tokens per row)."""
+def left_pad(prompts: list[list[int]], pad_id: int = 0, device: str | torch.device = "cpu",
+             width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Prompts as one left-padded ``[B, P]`` LongTensor, plus ``pad`` ``[B]`` (pad tokens per row).
+
+    ``P`` is the longest prompt's length, or ``width`` when given (at least that length).
+    """
     longest = max(len(p) for p in prompts)
+    if width is not None:
+        if width < longest:
+            raise ValueError(f"width {width} is shorter than the longest prompt ({longest} tokens)")
+        longest = width
     tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     for row, p in enumerate(prompts):
         tokens[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)

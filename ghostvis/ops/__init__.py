@@ -9,10 +9,13 @@ op                   backends, in the order they are tried
 rms_norm             triton, reference
 swiglu               triton, reference
 rope                 triton, reference
+add_rms_norm         triton (no gradient), reference
+rope_into_cache      triton (no gradient), reference
 linear_cross_entropy triton (chunked), chunked (chunked, torch rows), reference
 int8_linear          triton, reference
 attention            ring (inside ring.context_parallel), flex (packed documents),
-                     flash_attn, sdpa, reference
+                     decode (one query against a KV cache, no gradient), flash_attn,
+                     sdpa, reference
 layer_norm, gelu,    reference (torch's own kernels are already fused)
 linear
 ==================== =============================================================
@@ -37,7 +40,7 @@ from .dispatch import backends, force, use
 Tensor = torch.Tensor
 
 for _name in ("rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention",
-              "linear_cross_entropy", "int8_linear"):
+              "linear_cross_entropy", "int8_linear", "add_rms_norm", "rope_into_cache"):
     dispatch.register(_name, "reference", getattr(reference, _name))
 
 try:
@@ -61,7 +64,7 @@ def _both(*preds):
 
 
 if HAS_TRITON:
-    from . import fused, linear_ce
+    from . import decode, fused, linear_ce
 
     dispatch.register("rms_norm", "triton", fused.rms_norm, priority=10, auto=_triton_auto,
                       supports=_both(_triton_device, fused.rms_norm_ok))
@@ -73,6 +76,12 @@ if HAS_TRITON:
                       supports=_both(_triton_device, fused.int8_linear_ok))
     dispatch.register("linear_cross_entropy", "triton", linear_ce.linear_cross_entropy, priority=10,
                       auto=_triton_auto, supports=_both(_triton_device, linear_ce.linear_cross_entropy_ok))
+    dispatch.register("add_rms_norm", "triton", decode.add_rms_norm, priority=10, auto=_triton_auto,
+                      supports=_both(_triton_device, decode.add_rms_norm_ok))
+    dispatch.register("rope_into_cache", "triton", decode.rope_into_cache, priority=10, auto=_triton_auto,
+                      supports=_both(_triton_device, decode.rope_into_cache_ok))
+    dispatch.register("attention", "decode", decode.decode_attention, priority=25, auto=_triton_auto,
+                      supports=_both(_triton_device, decode.decode_attention_ok))
 
 # The chunked loss with plain-torch rows: no Triton needed; picked only when forced.
 from . import linear_ce as _linear_ce  # noqa: E402
@@ -125,6 +134,18 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: Optional[st
     return dispatch.call("rope", q, k, cos, sin, backend=backend)
 
 
+def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None, eps: float = 1e-6, *,
+                 backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """``(x + residual, rms_norm(x + residual, weight))``: a residual add and the norm after it."""
+    return dispatch.call("add_rms_norm", x, residual, weight, eps, backend=backend)
+
+
+def rope_into_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
+                    slots: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """RoPE on q and k, k and v written into the KV cache at ``slots``; returns the rotated q."""
+    return dispatch.call("rope_into_cache", q, k, v, cos, sin, k_buf, v_buf, slots, backend=backend)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, doc_ids: Optional[Tensor] = None,
               key_valid: Optional[Tensor] = None, mask: Optional[Tensor] = None,
               scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
@@ -147,4 +168,5 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Te
 
 
 __all__ = ["rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention", "linear_cross_entropy",
-           "int8_linear", "use", "force", "backends", "dispatch", "reference", "HAS_TRITON"]
+           "int8_linear", "add_rms_norm", "rope_into_cache", "use", "force", "backends", "dispatch", "reference",
+           "HAS_TRITON"]

@@ -57,8 +57,9 @@ def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tenso
     n = x2.shape[0]
     block_r, block_d = _rms_blocks(d)
     K.rms_norm_fwd.on(x)[(triton.cdiv(n, block_r),)](
-        x2, weight if weight is not None else x2, y.view(n, d), rstd, x2.stride(0), d, n, d, eps,
-        HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d))
+        x2, x2, weight if weight is not None else x2, x2, y.view(n, d), rstd, x2.stride(0), 0, 0, d, n, d, eps,
+        HAS_R=False, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=_num_warps(block_r * block_d))
     return y, rstd
 
 
@@ -209,11 +210,19 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[Tensor, Tensor]:
+def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
+                 cache: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """Rotate q and k; with ``cache=(v, k_buf, v_buf, slots)`` k (rotated) and v go to the cache
+    columns ``slots`` instead of a new k, which is then returned as ``k_buf``."""
     b, hq, t, d = q.shape
     hk = k.shape[1]
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if cache is None:
+        ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        v, vo, slots = k, ko, q  # unused by the kernel without TO_CACHE
+    else:
+        v, ko, vo, slots = cache
+        v = _unit_last(v)
     if q.numel() == 0 and k.numel() == 0:
         return qo, ko
     q, k = _unit_last(q), _unit_last(k)
@@ -225,12 +234,13 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool)
     block_d = triton.next_power_of_2(half)
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
     K.rope_qk.on(q)[(b * t,)](
-        q, k, cos, sin, qo, ko, t, hq, hk,
+        q, k, v, cos, sin, qo, ko, vo, slots, t, hq, hk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-        cos_b, cos.stride(1),
+        vo.stride(0), vo.stride(1), vo.stride(2), cos_b, cos.stride(1),
         HALF=half, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BACKWARD=backward,
-        num_warps=_num_warps((block_hq + block_hk) * block_d))
+        TO_CACHE=cache is not None, num_warps=_num_warps((block_hq + block_hk) * block_d))
     return qo, ko
 
 
@@ -313,6 +323,25 @@ def _gemv_blocks(n: int) -> tuple[int, int]:
     return block_n, (1024 if block_n <= 8 else 512)
 
 
+GEMV_CONFIG: dict = {}  # (n, k, weight dtype) -> (BLOCK_N, BLOCK_K, num_warps), measured choices
+
+
+def gemv_launch(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], y: Tensor,
+                swiglu: bool = False, config: Optional[tuple[int, int, int]] = None) -> Tensor:
+    """``y[0] = x[0] @ (weight * scale[:, None]).T + bias`` for one row ``x`` ``[1, K]`` (``[1, 2K]``,
+    gate then up, with ``swiglu``); ``weight`` ``[N, K]`` bf16/fp16/fp32 or INT8 with ``scale``."""
+    n, k = weight.shape
+    if config is None:
+        config = GEMV_CONFIG.get((n, k, weight.dtype))
+    bn, bk, warps = config if config is not None else (*_gemv_blocks(n), 4)
+    K.gemv.on(x)[(triton.cdiv(n, bn),)](
+        x, weight, scale if scale is not None else y, bias if bias is not None else y, y, n, k,
+        x.stride(1), k * x.stride(1), weight.stride(0), weight.stride(1),
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return y
+
+
 @torch.library.custom_op("ghostvis::int8_linear", mutates_args=())
 def int8_linear_fwd(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``x @ (weight_int8 * scale[:, None]).T + bias`` without dequantising the weight in memory."""
@@ -324,11 +353,7 @@ def int8_linear_fwd(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optiona
     m = x2.shape[0]
     y2 = y.view(m, n)
     if m == 1:
-        bn, bk = _gemv_blocks(n)
-        K.int8_gemv.on(x)[(triton.cdiv(n, bn),)](
-            x2, weight_int8, scale, bias if bias is not None else scale, y2, n, k,
-            x2.stride(1), weight_int8.stride(0), weight_int8.stride(1),
-            HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        gemv_launch(x2, weight_int8, scale, bias, y2)
         return y
     bm, bn, bk = _int8_blocks(m)
     # the interpreter's bf16 dot is wrong, and float32 inputs want an exact (not tf32) dot

@@ -88,14 +88,21 @@ def programs_for(t: torch.Tensor) -> int:
 
 
 @kernel
-def rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, D, eps,
-                 HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def rms_norm_fwd(X, R, W, S, Y, RSTD, stride_x, stride_r, stride_s, stride_y, N, D, eps,
+                 HAS_R: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # With HAS_R the residual add before the norm is fused in: S = X + R (rounded to S's
+    # dtype, as an unfused add would store it) is written and normalised.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     mask = row_ok[:, None] & (cols[None, :] < D)
     rows64 = rows.to(tl.int64)
-    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_R:
+        r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + rows64[:, None] * stride_s + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     y = x * rstd[:, None]
     if HAS_W:
@@ -176,14 +183,42 @@ def swiglu_bwd(G, U, DY, DG, DU, n_cols, stride_g, stride_u, stride_dy, stride_o
 # ----------------------------------------------------------------------------- rope
 
 
+@triton.jit
+def _rotate_heads(SRC, DST, n_heads, s_src, s_dst, c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr, ROTATE: tl.constexpr):
+    # heads [BLOCK_H, 2 * HALF] at SRC (head stride s_src) to DST, rotated by the angles
+    # whose cos/sin halves are c1, c2, s1, s2 (or copied when not ROTATE). The backward
+    # pass is the transposed rotation (rotation by minus the angle).
+    h = tl.arange(0, BLOCK_H).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    m = (h[:, None] < n_heads) & (d < HALF)[None, :]
+    src = SRC + h[:, None] * s_src + d[None, :]
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    if ROTATE:
+        if BACKWARD:
+            o1 = x1 * c1 + x2 * s2
+            o2 = x2 * c2 - x1 * s1
+        else:
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+    else:
+        o1 = x1
+        o2 = x2
+    dst = DST + h[:, None] * s_dst + d[None, :]
+    tl.store(dst, o1.to(DST.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, o2.to(DST.dtype.element_ty), mask=m)
+
+
 @kernel
-def rope_qk(Q, K, COS, SIN, QO, KO, T, HQ, HK,
-            sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t, sc_b, sc_t,
+def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, HQ, HK,
+            sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+            sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t, svo_b, svo_h, svo_t, sc_b, sc_t,
             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-            BACKWARD: tl.constexpr):
+            BACKWARD: tl.constexpr, TO_CACHE: tl.constexpr):
     # One program per (batch, position): it rotates every q head and every k head
-    # there, so cos/sin are read once per position. The backward pass is the
-    # transposed rotation (rotation by minus the angle).
+    # there, so cos/sin are read once per position. With TO_CACHE, k (rotated) and v
+    # (copied) go to column SLOT[t] of the cache buffers KO / VO instead of to t.
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
@@ -194,36 +229,81 @@ def rope_qk(Q, K, COS, SIN, QO, KO, T, HQ, HK,
     c2 = tl.load(COS + cs + HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(SIN + cs + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(SIN + cs + HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(Q + b * sq_b + t * sq_t, QO + b * sqo_b + t * sqo_t, HQ, sq_h, sqo_h, c1, c2, s1, s2,
+                  HALF, BLOCK_D, BLOCK_HQ, BACKWARD, True)
+    out_t = t
+    if TO_CACHE:
+        out_t = tl.load(SLOT + t).to(tl.int64)
+        _rotate_heads(V + b * sv_b + t * sv_t, VO + b * svo_b + out_t * svo_t, HK, sv_h, svo_h, c1, c2, s1, s2,
+                      HALF, BLOCK_D, BLOCK_HK, BACKWARD, False)
+    _rotate_heads(K + b * sk_b + t * sk_t, KO + b * sko_b + out_t * sko_t, HK, sk_h, sko_h, c1, c2, s1, s2,
+                  HALF, BLOCK_D, BLOCK_HK, BACKWARD, True)
 
-    hq = tl.arange(0, BLOCK_HQ).to(tl.int64)
-    mq = (hq[:, None] < HQ) & d_ok[None, :]
-    src = Q + b * sq_b + t * sq_t + hq[:, None] * sq_h + d[None, :]
-    x1 = tl.load(src, mask=mq, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mq, other=0.0).to(tl.float32)
-    if BACKWARD:
-        o1 = x1 * c1 + x2 * s2
-        o2 = x2 * c2 - x1 * s1
-    else:
-        o1 = x1 * c1 - x2 * s1
-        o2 = x2 * c2 + x1 * s2
-    dst = QO + b * sqo_b + t * sqo_t + hq[:, None] * sqo_h + d[None, :]
-    tl.store(dst, o1.to(QO.dtype.element_ty), mask=mq)
-    tl.store(dst + HALF, o2.to(QO.dtype.element_ty), mask=mq)
 
-    hk = tl.arange(0, BLOCK_HK).to(tl.int64)
-    mk = (hk[:, None] < HK) & d_ok[None, :]
-    src = K + b * sk_b + t * sk_t + hk[:, None] * sk_h + d[None, :]
-    x1 = tl.load(src, mask=mk, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mk, other=0.0).to(tl.float32)
-    if BACKWARD:
-        o1 = x1 * c1 + x2 * s2
-        o2 = x2 * c2 - x1 * s1
-    else:
-        o1 = x1 * c1 - x2 * s1
-        o2 = x2 * c2 + x1 * s2
-    dst = KO + b * sko_b + t * sko_t + hk[:, None] * sko_h + d[None, :]
-    tl.store(dst, o1.to(KO.dtype.element_ty), mask=mk)
-    tl.store(dst + HALF, o2.to(KO.dtype.element_ty), mask=mk)
+# ----------------------------------------------------------------------------- decode attention
+# One query per row against a KV cache, split along the cache (split-KV / flash-decoding):
+# programs (row, kv head, split) each reduce a span of slots for all the query heads of
+# their kv head, keeping a running max and sum; a second kernel merges the splits.
+
+
+@kernel
+def decode_attention_split(Q, K, V, MASK, O_PART, M_PART, L_PART, S, HK, G, split_len, n_splits, scale,
+                           sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s,
+                           D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // HK).to(tl.int64)
+    hk = (pid % HK).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    heads = hk * G + g
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0)
+    q = q.to(tl.float32) * scale
+    m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, D), tl.float32)
+    first = split * split_len
+    for s0 in range(first, first + split_len, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        keep = tl.load(MASK + b * sm_b + s.to(tl.int64) * sm_s, mask=s < S, other=0) != 0
+        s64 = s.to(tl.int64)
+        k = tl.load(K + b * sk_b + hk * sk_h + s64[:, None] * sk_s + d[None, :], mask=keep[:, None], other=0.0)
+        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        scores = tl.where(keep[None, :], scores, -1e30)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.where(keep[None, :], tl.exp(scores - m_new[:, None]), 0.0)
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(V + b * sv_b + hk * sv_h + s64[:, None] * sv_s + d[None, :], mask=keep[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    part = ((b * HK * G + heads) * n_splits + split).to(tl.int64)
+    tl.store(O_PART + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
+    tl.store(M_PART + part, m_i, mask=g_ok)
+    tl.store(L_PART + part, l_i, mask=g_ok)
+
+
+@kernel
+def decode_attention_merge(O_PART, M_PART, L_PART, OUT, HQ, n_splits, so_b, so_h,
+                           D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+    # one program per (row, query head): rescale each split to the common max and add up;
+    # a query with no allowed key (every split's sum is 0) gets zeros
+    pid = tl.program_id(0)
+    b = (pid // HQ).to(tl.int64)
+    h = (pid % HQ).to(tl.int64)
+    sp = tl.arange(0, BLOCK_SPLITS)
+    ok = sp < n_splits
+    base = pid.to(tl.int64) * n_splits
+    m = tl.load(M_PART + base + sp, mask=ok, other=-1e30)
+    l_part = tl.load(L_PART + base + sp, mask=ok, other=0.0)
+    w = tl.where(ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
+    total = tl.sum(l_part * w, axis=0)
+    d = tl.arange(0, D)
+    o = tl.load(O_PART + (base + sp)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.maximum(total, 1e-30)
+    out = tl.where(total > 0, out, 0.0)
+    tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- cross-entropy rows
@@ -302,10 +382,14 @@ def int8_matmul(X, W, SCALE, BIAS, Y, M, N, K, sx_m, sx_k, sw_n, sw_k, sy_m, sy_
 
 
 @kernel
-def int8_gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, sw_n, sw_k,
-              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one row of x (batch-1 decode): no tensor-core tile to fill, so each program reads a
-    # narrow strip of the INT8 weight and reduces it in fp32; many programs keep the loads in flight
+def gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, up_offset, sw_n, sw_k,
+         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y = x @ w.T for one row of x (batch-1 decode): no tensor-core tile to fill, so each
+    # program reads a narrow strip of the weight (bf16, or INT8 times a per-row SCALE) and
+    # reduces it in fp32; many programs keep the loads in flight. With SWIGLU, x is
+    # silu(X[:K]) * X[up_offset:][:K] (the gate and up halves of the projection before),
+    # rounded to X's dtype as the unfused op would store it.
     pid = tl.program_id(0)
     rn = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
@@ -313,9 +397,14 @@ def int8_gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, sw_n, sw_k,
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(X + kk * sx_k, mask=kk < K, other=0.0).to(tl.float32)
+        if SWIGLU:
+            up = tl.load(X + up_offset + kk * sx_k, mask=kk < K, other=0.0).to(tl.float32)
+            x = (x * tl.sigmoid(x) * up).to(X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + rn[:, None] * sw_n + kk[None, :] * sw_k, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    y = acc * tl.load(SCALE + rn, mask=rn < N, other=0.0).to(tl.float32)
+    y = acc
+    if HAS_SCALE:
+        y = y * tl.load(SCALE + rn, mask=rn < N, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)
     tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)

@@ -63,6 +63,29 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     return (qf * c + _rotate_half(qf) * s).to(q.dtype), (kf * c + _rotate_half(kf) * s).to(k.dtype)
 
 
+def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
+                 eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """``(s, rms_norm(s, weight))`` with ``s = x + residual`` (``s = x`` when ``residual`` is None).
+
+    A pre-norm block's residual add and the norm that follows it, as one op.
+    """
+    s = x if residual is None else x + residual
+    return s, rms_norm(s, weight, eps)
+
+
+def rope_into_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
+                    slots: Tensor) -> Tensor:
+    """RoPE on q and k, then k and v written into a KV cache; returns the rotated q.
+
+    q ``[B, Hq, T, D]``, k/v ``[B, Hk, T, D]``, cos/sin as for :func:`rope`; ``k_buf`` /
+    ``v_buf`` ``[B, Hk, S, D]`` receive k (rotated) and v at columns ``slots`` ``[T]``, in place.
+    """
+    q, k = rope(q, k, cos, sin)
+    k_buf.index_copy_(2, slots, k.to(k_buf.dtype))
+    v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
+    return q
+
+
 def attention_mask(
     tq: int,
     tk: int,

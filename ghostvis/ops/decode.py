@@ -1,0 +1,174 @@
+"""Inference-only Triton ops for the cached (prefill / decode) path: fewer, fused kernels per block.
+
+A batch-1 decode step is bound by how many kernels each block launches, not by
+their bytes, so these fold neighbouring steps together:
+
+- ``add_rms_norm``: the residual add and the RMSNorm after it, in one kernel.
+- ``rope_into_cache``: RoPE on q and k, and the write of k and v into the KV
+  cache at their slots, in one kernel (was: RoPE, then one copy each for k and v).
+- ``decode_attention``: one query per row against the whole cache under a
+  boolean key mask, split along the cache so that every SM has slots to read
+  (split-KV), then merged; slots the mask rules out are never read.
+
+None of them has a backward: they are picked only where no gradient is wanted
+(``torch.no_grad``, as generation runs), and their references in
+:mod:`ghostvis.ops.reference` take over otherwise. Each is a ``torch.library``
+custom op with a fake impl, so a compiled decode step keeps them as single kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from . import kernels as K
+from .fused import FLOAT_DTYPES, _num_warps, _rms_blocks, _rope_launch, _rows, rms_norm_fwd, rope_ok
+
+Tensor = torch.Tensor
+
+
+def _no_grad_wanted(*ts: Optional[Tensor]) -> bool:
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in ts)
+
+
+# ----------------------------------------------------------------------------- add + rms_norm
+
+
+@torch.library.custom_op("ghostvis::add_rms_norm", mutates_args=())
+def add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """``(s, rms_norm(s) * weight)`` with ``s = x + residual``, in one pass over the rows."""
+    d = x.shape[-1]
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return s, y
+    x2, r2 = _rows(x), _rows(residual)
+    n = x2.shape[0]
+    rstd = torch.empty(n, dtype=torch.float32, device=x.device)
+    block_r, block_d = _rms_blocks(d)
+    K.rms_norm_fwd.on(x)[(triton.cdiv(n, block_r),)](
+        x2, r2, weight if weight is not None else x2, s.view(n, d), y.view(n, d), rstd,
+        x2.stride(0), r2.stride(0), d, d, n, d, eps,
+        HAS_R=True, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=_num_warps(block_r * block_d))
+    return s, y
+
+
+@add_rms_norm_fwd.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
+                 eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """``(x + residual, rms_norm(x + residual, weight))``; ``residual=None`` is a plain RMSNorm of ``x``."""
+    if residual is None:
+        return x, rms_norm_fwd(x, weight, eps)[0]
+    return add_rms_norm_fwd(x, residual, weight, eps)
+
+
+def add_rms_norm_ok(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
+                    eps: float = 1e-6) -> bool:
+    return (x.dtype in FLOAT_DTYPES and (residual is None or (residual.shape == x.shape
+                                                              and residual.dtype == x.dtype))
+            and (weight is None or weight.shape == (x.shape[-1],)) and _no_grad_wanted(x, residual, weight))
+
+
+# ----------------------------------------------------------------------------- rope + cache write
+
+
+@torch.library.custom_op("ghostvis::rope_into_cache", mutates_args=("k_buf", "v_buf"))
+def rope_into_cache_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
+                        slots: Tensor) -> Tensor:
+    """RoPE of q (returned) and k; k and v written into ``k_buf`` / ``v_buf`` at columns ``slots``."""
+    return _rope_launch(q, k, cos, sin, backward=False, cache=(v, k_buf, v_buf, slots))[0]
+
+
+@rope_into_cache_fwd.register_fake
+def _(q, k, v, cos, sin, k_buf, v_buf, slots):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def rope_into_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
+                    slots: Tensor) -> Tensor:
+    """See :func:`ghostvis.ops.reference.rope_into_cache`."""
+    return rope_into_cache_fwd(q, k, v, cos, sin, k_buf, v_buf, slots)
+
+
+def rope_into_cache_ok(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
+                       slots: Tensor) -> bool:
+    b, hk, t, d = k.shape
+    return (rope_ok(q, k, cos, sin) and v.shape == k.shape and k_buf.shape == v_buf.shape
+            and k_buf.dim() == 4 and k_buf.shape[:2] == (b, hk) and k_buf.shape[3] == d
+            and k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1 and k_buf.dtype in FLOAT_DTYPES
+            and slots.shape == (t,) and slots.dtype in (torch.int32, torch.int64)
+            and _no_grad_wanted(q, k, v))
+
+
+# ----------------------------------------------------------------------------- decode attention
+
+BLOCK_S = 32  # cache slots per loop step of a split
+
+
+def decode_splits(batch: int, kv_heads: int, slots: int, programs: int) -> tuple[int, int]:
+    """``(n_splits, split_len)``: enough splits of the cache that ``batch * kv_heads * n_splits``
+    programs reach ``programs``, each a whole number of ``BLOCK_S`` slots."""
+    chunks = triton.cdiv(slots, BLOCK_S)
+    n = max(1, min(chunks, programs // max(1, batch * kv_heads)))
+    split_len = triton.cdiv(chunks, n) * BLOCK_S
+    return triton.cdiv(slots, split_len), split_len
+
+
+@torch.library.custom_op("ghostvis::decode_attention", mutates_args=())
+def decode_attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention of q ``[B, Hq, 1, D]`` over k/v ``[B, Hkv, S, D]`` where ``mask`` ``[B, S]`` (uint8) is set."""
+    b, hq, _, d = q.shape
+    hk, s = k.shape[1], k.shape[2]
+    out = torch.empty((b, hq, 1, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    g = hq // hk
+    programs = 4 if not q.is_cuda else 4 * K._sm_count(q.device.index if q.device.index is not None
+                                                        else torch.cuda.current_device())
+    n_splits, split_len = decode_splits(b, hk, s, programs)
+    o_part = torch.empty((b * hq * n_splits, d), dtype=torch.float32, device=q.device)
+    m_part = torch.empty(b * hq * n_splits, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    block_g = triton.next_power_of_2(g)
+    K.decode_attention_split.on(q)[(b * hk, n_splits)](
+        q, k, v, mask, o_part, m_part, l_part, s, hk, g, split_len, n_splits, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mask.stride(0), mask.stride(1), D=d, BLOCK_G=block_g, BLOCK_S=BLOCK_S, num_warps=4)
+    K.decode_attention_merge.on(q)[(b * hq,)](
+        o_part, m_part, l_part, out, hq, n_splits, out.stride(0), out.stride(1),
+        D=d, BLOCK_SPLITS=triton.next_power_of_2(n_splits), num_warps=_num_warps(d))
+    return out
+
+
+@decode_attention_fwd.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty(q.shape)
+
+
+def decode_attention(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=None, scale=None):
+    """The ``ops.attention`` contract for one query per row against a cache (see :func:`decode_attention_ok`)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keys = mask[:, 0, 0, :].expand(q.shape[0], k.shape[2])  # a view; a mask shared by all rows gets stride 0
+    return decode_attention_fwd(q, k, v, keys.view(torch.uint8), scale)
+
+
+def decode_attention_ok(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=None, scale=None) -> bool:
+    """One query per row and a boolean ``[B|1, 1, 1, S]`` mask that says it all (a cache's): no causal,
+    document or key-padding arguments, and no gradient."""
+    if q.dim() != 4 or q.shape[2] != 1 or causal or doc_ids is not None or key_valid is not None or mask is None:
+        return False
+    b, hq, _, d = q.shape
+    hk = k.shape[1]
+    return (k.shape == v.shape and k.shape[0] == b and k.shape[3] == d and hk > 0 and hq % hk == 0
+            and d == triton.next_power_of_2(d) and 16 <= d <= 256 and q.dtype in FLOAT_DTYPES
+            and k.dtype == q.dtype and v.dtype == q.dtype and k.stride(-1) == 1 and v.stride(-1) == 1
+            and q.stride(-1) == 1 and mask.dtype == torch.bool and mask.dim() == 4
+            and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[0] in (1, b)
+            and mask.shape[3] == k.shape[2] and _no_grad_wanted(q, k, v))

@@ -1,0 +1,177 @@
+"""The inference-only decode kernels (``ghostvis.ops.decode``) against float64 oracles.
+
+``add_rms_norm``, ``rope_into_cache`` and the split-KV ``decode_attention`` run in
+Triton's interpreter on CPU and compiled on a GPU (``gpu``-marked cases), and are
+compared with float64 math written out here. The dispatch tests check they are
+picked only where they apply (no gradient, one query against a cache), and the
+generation tests that a decode built from them gives the reference tokens.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ghostvis as gv
+import ghostvis.ops as ops
+from ghostvis.infer.generate import generate, generate_uncached
+from ghostvis.infer.kv_cache import attention_mask, key_valid
+from ghostvis.ops import dispatch
+from test_kernels import CASES, TOL, budget, make, rel_err, rms_norm64, rope64, skip_without
+
+pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton")
+
+
+def attention64(q, k, v, keep):
+    """One query per row: q ``[B, Hq, 1, D]``, k/v ``[B, Hk, S, D]``, keep ``[B, S]`` bool; float64."""
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    keep = keep.cpu()[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    return probs @ v
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@budget
+@given(b=st.integers(1, 3), hk=st.integers(1, 3), group=st.sampled_from([1, 2, 3]), slots=st.integers(1, 100),
+       d=st.sampled_from([16, 32, 64]), shared_mask=st.booleans(), seed=st.integers(0, 2**16))
+def test_decode_attention_matches_float64(device, dtype, b, hk, group, slots, d, shared_mask, seed):
+    skip_without(device)
+    hq = hk * group
+    q = make((b, 1, hq, d), device, dtype, seed=seed).transpose(1, 2)  # the decoder's [B, T, H, D] view
+    k, v = make((b, hk, slots, d), device, dtype, seed=seed + 1), make((b, hk, slots, d), device, dtype, seed=seed + 2)
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.randint(0, slots, (1 if shared_mask else b,), generator=g)
+    pos = torch.randint(0, slots, (1,), generator=g)
+    mask = attention_mask(pos, key_valid(pad, slots)).to(device)  # some rows may have no key at all
+    with torch.no_grad():
+        out = ops.attention(q, k, v, causal=False, mask=mask, backend="decode")
+    ref = attention64(q, k, v, mask[:, 0, 0, :].expand(b, slots))
+    assert out.shape == (b, hq, 1, d) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_decode_attention_row_without_keys_is_zero():
+    skip_without("cpu")
+    q, k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 1, 40, 16), torch.randn(2, 1, 40, 16)
+    mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+    mask[0, ..., 3:9] = True
+    with torch.no_grad():
+        out = ops.attention(q, k, v, causal=False, mask=mask, backend="decode")
+    assert out[1].abs().max() == 0
+    assert rel_err(out[:1], attention64(q[:1], k[:1], v[:1], mask[:1, 0, 0])) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@budget
+@given(rows=st.integers(1, 9), dim=st.sampled_from([1, 7, 32, 100, 257]), has_residual=st.booleans(),
+       has_weight=st.booleans(), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_add_rms_norm_matches_float64(device, dtype, rows, dim, has_residual, has_weight, strided, seed):
+    skip_without(device)
+    x = make((rows, dim), device, dtype, strided=strided, seed=seed)
+    r = make((rows, dim), device, dtype, seed=seed + 1) if has_residual else None
+    w = make((dim,), device, dtype, seed=seed + 2) if has_weight else None
+    with torch.no_grad():
+        s, y = ops.add_rms_norm(x, r, w, 1e-6, backend="triton")
+    # the sum is rounded to the input dtype before the norm, as an add then a norm would store it
+    s_ref = x if r is None else (x.double() + r.double()).to(dtype)
+    assert torch.equal(s, s_ref)
+    y64 = rms_norm64(s_ref.double().cpu(), w.double().cpu() if w is not None else None)
+    assert y.dtype == dtype and rel_err(y, y64) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@budget
+@given(b=st.integers(1, 2), hk=st.integers(1, 3), group=st.sampled_from([1, 2]), t=st.integers(1, 4),
+       slots=st.integers(4, 12), d=st.sampled_from([2, 16, 40]), seed=st.integers(0, 2**16))
+def test_rope_into_cache_matches_float64(device, dtype, b, hk, group, t, slots, d, seed):
+    skip_without(device)
+    hq = hk * group
+    q = make((b, t, hq, d), device, dtype, seed=seed).transpose(1, 2)
+    k = make((b, t, hk, d), device, dtype, seed=seed + 1).transpose(1, 2)
+    v = make((b, t, hk, d), device, dtype, seed=seed + 2).transpose(1, 2)
+    ang = torch.randn(b, t, d // 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
+    where = torch.randperm(slots, generator=torch.Generator().manual_seed(seed + 3))[:t].sort().values
+    k_buf, v_buf = make((b, hk, slots, d), device, dtype, seed=seed + 4), make((b, hk, slots, d), device, dtype,
+                                                                             seed=seed + 5)
+    k_before, v_before = k_buf.clone(), v_buf.clone()
+    with torch.no_grad():
+        qo = ops.rope_into_cache(q, k, v, cos, sin, k_buf, v_buf, where.to(device), backend="triton")
+    q64, k64 = rope64(q.double().cpu(), k.double().cpu(), cos.double().cpu(), sin.double().cpu())
+    assert rel_err(qo, q64) < TOL[dtype]
+    assert rel_err(k_buf[:, :, where], k64) < TOL[dtype]
+    assert torch.equal(v_buf[:, :, where], v)
+    others = torch.ones(slots, dtype=torch.bool)
+    others[where] = False
+    assert torch.equal(k_buf[:, :, others], k_before[:, :, others])
+    assert torch.equal(v_buf[:, :, others], v_before[:, :, others])
+
+
+def test_decode_backends_are_picked_only_without_gradients(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = torch.randn(3, 8), torch.randn(8)
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 5, 16)
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    with torch.no_grad():
+        assert dispatch.choose("add_rms_norm", x, x, w, 1e-6).name == "triton"
+        assert dispatch.choose("attention", q, k, k, causal=False, mask=mask).name == "decode"
+    assert dispatch.choose("add_rms_norm", x, x, w.requires_grad_(), 1e-6).name == "reference"
+    assert dispatch.choose("attention", q.requires_grad_(), k, k, causal=False, mask=mask).name != "decode"
+    with torch.no_grad():
+        # more than one query, or causal / packed attention, is not a cache lookup
+        assert dispatch.choose("attention", torch.randn(1, 2, 5, 16), k, k, causal=False,
+                               mask=torch.ones(1, 1, 5, 5, dtype=torch.bool)).name != "decode"
+        assert dispatch.choose("attention", q, k, k, causal=True).name != "decode"
+
+
+def test_generation_on_the_decode_kernels_equals_the_uncached_reference(monkeypatch):
+    """Prefill and decode through the interpreted kernels (eager and compiled) give the reference tokens."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = gv.presets.get("tiny")
+    params = gv.init(cfg, seed=4)
+    prompts = [[11, 12, 13, 14, 15], [20, 21]]
+    with dispatch.use(rms_norm="reference", swiglu="reference", rope="reference", linear_cross_entropy="reference"):
+        ref = [generate_uncached(params, cfg, p, max_new_tokens=5) for p in prompts]
+    seen = set()
+    real_call = dispatch.call
+
+    def spy(op, *args, **kwargs):
+        seen.add((op, dispatch.choose(op, *args, backend=kwargs.get("backend"),
+                                      **{k: v for k, v in kwargs.items() if k != "backend"}).name))
+        return real_call(op, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "call", spy)
+    assert generate(params, cfg, prompts, max_new_tokens=5) == ref
+    assert {("attention", "decode"), ("add_rms_norm", "triton"), ("rope_into_cache", "triton")} <= seen
+    monkeypatch.setattr(dispatch, "call", real_call)
+    assert generate(params, cfg, prompts, max_new_tokens=5, compile=True) == ref
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@budget
+@given(n=st.integers(1, 70), k=st.integers(1, 300), int8=st.booleans(), swiglu=st.booleans(),
+       has_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_gemv_matches_float64(device, dtype, n, k, int8, swiglu, has_bias, seed):
+    """The one-row matmul kernel: bf16/fp16/fp32 or INT8 weights, SwiGLU of its input read in, a bias."""
+    from ghostvis.ops import fused
+
+    skip_without(device)
+    x = make((1, 2 * k if swiglu else k), device, dtype, seed=seed)
+    w = make((n, k), device, dtype, seed=seed + 1)
+    scale = None
+    if int8:
+        w = torch.randint(-127, 128, (n, k), generator=torch.Generator().manual_seed(seed)).to(device, torch.int8)
+        scale = make((n,), device, dtype, seed=seed + 2, scale=0.01)
+    bias = make((n,), device, dtype, seed=seed + 3) if has_bias else None
+    y = fused.gemv_launch(x, w, scale, bias, torch.empty(1, n, device=device, dtype=dtype), swiglu=swiglu)
+    x64 = x.double().cpu()
+    if swiglu:  # the gate/up product is rounded to the input dtype, as the unfused SwiGLU stores it
+        g, u = x64[:, :k], x64[:, k:]
+        x64 = (g * torch.sigmoid(g) * u).to(dtype).double()
+    w64 = w.double().cpu() * (scale.double().cpu()[:, None] if int8 else 1)
+    y64 = x64 @ w64.T + (bias.double().cpu() if has_bias else 0)
+    assert rel_err(y, y64) < TOL[dtype] * (4 if int8 else 1)
