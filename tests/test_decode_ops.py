@@ -175,3 +175,17 @@ def test_gemv_matches_float64(device, dtype, n, k, int8, swiglu, has_bias, seed)
     w64 = w.double().cpu() * (scale.double().cpu()[:, None] if int8 else 1)
     y64 = x64 @ w64.T + (bias.double().cpu() if has_bias else 0)
     assert rel_err(y, y64) < TOL[dtype] * (4 if int8 else 1)
+
+
+@pytest.mark.parametrize("device,dtype", [c for c in CASES if c.values[1] != torch.float32])
+def test_one_row_linear_takes_the_gemv_only_without_gradients(device, dtype, monkeypatch):
+    skip_without(device)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w, b = make((1, 1, 96), device, dtype), make((40, 96), device, dtype, seed=1), make((40,), device, dtype, seed=2)
+    with torch.no_grad():
+        assert dispatch.choose("linear", x, w, b).name == "gemv"
+        assert dispatch.choose("linear", make((2, 96), device, dtype), w, b).name == "reference"  # two rows
+        y = ops.linear(x, w, b)
+    assert y.shape == (1, 1, 40)
+    assert rel_err(y, x.double().cpu() @ w.double().cpu().T + b.double().cpu()) < TOL[dtype]
+    assert dispatch.choose("linear", x, w.requires_grad_(), b).name == "reference"

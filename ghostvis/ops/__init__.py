@@ -16,8 +16,8 @@ int8_linear          triton, reference
 attention            ring (inside ring.context_parallel), flex (packed documents),
                      decode (one query against a KV cache, no gradient), flash_attn,
                      sdpa, reference
-layer_norm, gelu,    reference (torch's own kernels are already fused)
-linear
+linear               gemv (one row, no gradient), reference
+layer_norm, gelu     reference (torch's own kernels are already fused)
 ==================== =============================================================
 
 Triton backends run CUDA tensors, and CPU tensors through Triton's interpreter
@@ -82,6 +82,8 @@ if HAS_TRITON:
                       supports=_both(_triton_device, decode.rope_into_cache_ok))
     dispatch.register("attention", "decode", decode.decode_attention, priority=25, auto=_triton_auto,
                       supports=_both(_triton_device, decode.decode_attention_ok))
+    dispatch.register("linear", "gemv", decode.linear_gemv, priority=10, auto=_triton_auto,
+                      supports=_both(_triton_device, decode.linear_gemv_ok))
 
 # The chunked loss with plain-torch rows: no Triton needed; picked only when forced.
 from . import linear_ce as _linear_ce  # noqa: E402

@@ -6,6 +6,8 @@ their bytes, so these fold neighbouring steps together:
 - ``add_rms_norm``: the residual add and the RMSNorm after it, in one kernel.
 - ``rope_into_cache``: RoPE on q and k, and the write of k and v into the KV
   cache at their slots, in one kernel (was: RoPE, then one copy each for k and v).
+- ``linear`` of one row (``gemv``): a Triton GEMV whose narrow strips keep more of the
+  weight in flight than cuBLAS does on these small matrices.
 - ``decode_attention``: one query per row against the whole cache under a
   boolean key mask, split along the cache so that every SM has slots to read
   (split-KV), then merged; slots the mask rules out are never read.
@@ -24,7 +26,7 @@ import torch
 import triton
 
 from . import kernels as K
-from .fused import FLOAT_DTYPES, _num_warps, _rms_blocks, _rope_launch, _rows, rms_norm_fwd, rope_ok
+from .fused import FLOAT_DTYPES, _num_warps, _rms_blocks, _rope_launch, _rows, gemv_launch, rms_norm_fwd, rope_ok
 
 Tensor = torch.Tensor
 
@@ -123,7 +125,7 @@ def decode_splits(batch: int, kv_heads: int, slots: int, programs: int) -> tuple
 
 @torch.library.custom_op("ghostvis::decode_attention", mutates_args=())
 def decode_attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """Attention of q ``[B, Hq, 1, D]`` over k/v ``[B, Hkv, S, D]`` where ``mask`` ``[B, S]`` (uint8) is set."""
+    """Attention of q ``[B, Hq, 1, D]`` over k/v ``[B, Hkv, S, D]`` where ``mask`` ``[B, S]`` (bool) is set."""
     b, hq, _, d = q.shape
     hk, s = k.shape[1], k.shape[2]
     out = torch.empty((b, hq, 1, d), dtype=q.dtype, device=q.device)
@@ -156,7 +158,7 @@ def decode_attention(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask
     """The ``ops.attention`` contract for one query per row against a cache (see :func:`decode_attention_ok`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keys = mask[:, 0, 0, :].expand(q.shape[0], k.shape[2])  # a view; a mask shared by all rows gets stride 0
-    return decode_attention_fwd(q, k, v, keys.view(torch.uint8), scale)
+    return decode_attention_fwd(q, k, v, keys, scale)
 
 
 def decode_attention_ok(q, k, v, *, causal=True, doc_ids=None, key_valid=None, mask=None, scale=None) -> bool:
@@ -172,3 +174,36 @@ def decode_attention_ok(q, k, v, *, causal=True, doc_ids=None, key_valid=None, m
             and q.stride(-1) == 1 and mask.dtype == torch.bool and mask.dim() == 4
             and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[0] in (1, b)
             and mask.shape[3] == k.shape[2] and _no_grad_wanted(q, k, v))
+
+
+# ----------------------------------------------------------------------------- one-row linear
+
+GEMV_MAX_N = 16384  # wider matrices (an LM head) stream at full bandwidth through cuBLAS already
+
+
+@torch.library.custom_op("ghostvis::gemv", mutates_args=())
+def gemv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x @ weight.T + bias`` for ``x`` holding one row (any leading shape of size 1)."""
+    n, k = weight.shape
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    gemv_launch(x.reshape(1, k), weight, None, bias, y.view(1, n))
+    return y
+
+
+@gemv_fwd.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """The ``ops.linear`` contract for a single row of ``x`` (see :func:`linear_gemv_ok`)."""
+    return gemv_fwd(x, weight, bias)
+
+
+def linear_gemv_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
+    """One row of bf16/fp16 ``x``, a same-dtype ``[N, K]`` weight with N <= ``GEMV_MAX_N``, no gradient."""
+    return (x.dim() >= 1 and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dim() == 2 and weight.dtype == x.dtype and weight.shape[1] == x.shape[-1]
+            and 0 < weight.shape[0] <= GEMV_MAX_N and weight.stride(-1) == 1 and x.stride(-1) == 1
+            and (bias is None or (bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
+            and _no_grad_wanted(x, weight, bias))

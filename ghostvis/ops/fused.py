@@ -317,13 +317,16 @@ def _int8_blocks(m: int) -> tuple[int, int, int]:
     return (triton.next_power_of_2(m), 32, 128) if m <= 64 else (64, 128, 64)
 
 
-def _gemv_blocks(n: int) -> tuple[int, int]:
-    # about two programs per SM or more, so the weight streams from every SM at once
-    block_n = max(4, min(16, triton.next_power_of_2(max(1, n // 512))))
-    return block_n, (1024 if block_n <= 8 else 512)
+def gemv_config(n: int, weight_dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps)`` of the one-row GEMV.
 
-
-GEMV_CONFIG: dict = {}  # (n, k, weight dtype) -> (BLOCK_N, BLOCK_K, num_warps), measured choices
+    Chosen by ``scripts/gemv_probe.py`` on an H100 for the d20 shapes (BENCHMARKS.md): these
+    matmuls are bound by latency more than bytes, so narrow strips (two rows a program, many
+    programs) win; only the widest INT8 matrix wants wider ones.
+    """
+    if weight_dtype == torch.int8 and n >= 4096:
+        return 8, 512, 8
+    return (2, 512, 2) if n >= 4096 else (2, 1024, 4)
 
 
 def gemv_launch(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], y: Tensor,
@@ -331,9 +334,7 @@ def gemv_launch(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Option
     """``y[0] = x[0] @ (weight * scale[:, None]).T + bias`` for one row ``x`` ``[1, K]`` (``[1, 2K]``,
     gate then up, with ``swiglu``); ``weight`` ``[N, K]`` bf16/fp16/fp32 or INT8 with ``scale``."""
     n, k = weight.shape
-    if config is None:
-        config = GEMV_CONFIG.get((n, k, weight.dtype))
-    bn, bk, warps = config if config is not None else (*_gemv_blocks(n), 4)
+    bn, bk, warps = config if config is not None else gemv_config(n, weight.dtype)
     K.gemv.on(x)[(triton.cdiv(n, bn),)](
         x, weight, scale if scale is not None else y, bias if bias is not None else y, y, n, k,
         x.stride(1), k * x.stride(1), weight.stride(0), weight.stride(1),
