@@ -37,7 +37,7 @@ class BenchDecode:
     """Generated tokens per row (no stop token: every row runs to the end)."""
     rows: list[str] = field(default_factory=lambda: ["bf16", "int8", "bf16-eager", "plain", "hf"])
     """Which to run: bf16 / int8 (compiled step), bf16-unfused (compiled, without the decode kernels of
-    ``ghostvis.ops.decode``: SDPA, separate residual adds, RoPE then cache copies), bf16-inductor
+    ``ghostvis.ops.decode``: SDPA, residual adds left to inductor, RoPE then cache copies, cuBLAS GEMVs), bf16-inductor
     (compiled, every elementwise op and attention as plain torch), bf16-eager / int8-eager (eager ops
     captured), plain, hf."""
     profile: bool = False
@@ -221,7 +221,7 @@ def main(args: BenchDecode) -> list[dict]:
         generate_mod.COMPILED_DECODE_OPS.clear()
         if row == "bf16-unfused":  # the step as it was before the decode kernels
             generate_mod.COMPILED_DECODE_OPS.update(attention="sdpa", add_rms_norm="reference",
-                                                    rope_into_cache="reference")
+                                                    rope_into_cache="reference", linear="reference")
         if row == "bf16-inductor":  # the elementwise ops and attention as plain torch, for inductor to fuse
             generate_mod.COMPILED_DECODE_OPS.update(rms_norm="reference", swiglu="reference", rope="reference",
                                                     attention="reference", add_rms_norm="reference",

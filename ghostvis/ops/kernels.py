@@ -249,7 +249,10 @@ def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, HQ, HK,
 @kernel
 def decode_attention_split(Q, K, V, MASK, O_PART, M_PART, L_PART, S, HK, G, split_len, n_splits, scale,
                            sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s,
-                           D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+                           D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # The query heads of one kv head are the rows of a tensor-core tile (padded to BLOCK_G >= 16),
+    # so both products are tl.dot. UPCAST (the interpreter) multiplies in float32.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // HK).to(tl.int64)
@@ -259,23 +262,29 @@ def decode_attention_split(Q, K, V, MASK, O_PART, M_PART, L_PART, S, HK, G, spli
     heads = hk * G + g
     d = tl.arange(0, D)
     q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
+    if UPCAST:
+        q = q.to(tl.float32)
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, D), tl.float32)
     first = split * split_len
     for s0 in range(first, first + split_len, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        keep = tl.load(MASK + b * sm_b + s.to(tl.int64) * sm_s, mask=s < S, other=0) != 0
         s64 = s.to(tl.int64)
-        k = tl.load(K + b * sk_b + hk * sk_h + s64[:, None] * sk_s + d[None, :], mask=keep[:, None], other=0.0)
-        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        keep = tl.load(MASK + b * sm_b + s64 * sm_s, mask=s < S, other=0) != 0
+        kt = tl.load(K + b * sk_b + hk * sk_h + s64[None, :] * sk_s + d[:, None], mask=keep[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        scores = tl.dot(q, kt, input_precision=PRECISION) * scale
         scores = tl.where(keep[None, :], scores, -1e30)
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         p = tl.where(keep[None, :], tl.exp(scores - m_new[:, None]), 0.0)
         alpha = tl.exp(m_i - m_new)
         v = tl.load(V + b * sv_b + hk * sv_h + s64[:, None] * sv_s + d[None, :], mask=keep[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     part = ((b * HK * G + heads) * n_splits + split).to(tl.int64)
