@@ -163,38 +163,71 @@ def _compiled(name: str, fn: Callable) -> Callable:
 PROMPT_BUCKET = 64  # compiled generation left-pads prompts to a multiple of this many tokens
 
 
+def _capture(run: Callable[[], Tensor], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Warm ``run`` up on a side stream (as capture requires), then capture it: ``(graph, its output)``."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 def cuda_graph_step(fn: Callable, params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor) -> Step:
     """``step(tokens, slot) -> logits`` that captures ``fn`` (:func:`decode_step` or its compiled form)
     as a CUDA graph on first use.
 
     Inputs are copied into static buffers and the graph replayed; the returned
-    logits live in the graph's static output (valid until the next call).
+    logits live in the graph's static output (valid until the next call). The
+    warm-up before capture rewrites the first step's slot, which is harmless.
     """
-    device = pad.device
-    static_tokens = torch.zeros(pad.shape[0], dtype=torch.long, device=device)
-    static_slot = torch.zeros(1, dtype=torch.long, device=device)
-    run = lambda: fn(params, cfg, cache, pad, valid, static_tokens, static_slot)  # noqa: E731
-    graph, out = None, None
+    static_tokens = torch.zeros(pad.shape[0], dtype=torch.long, device=pad.device)
+    static_slot = torch.zeros(1, dtype=torch.long, device=pad.device)
+    captured = None
 
     def step(tokens: Tensor, slot: int) -> Tensor:
-        nonlocal graph, out
+        nonlocal captured
         static_tokens.copy_(tokens)
         static_slot.fill_(slot)
-        if graph is None:
-            # warm up on a side stream (as capture requires); rewriting this step's slot is harmless
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = run()
+        if captured is None:
+            captured = _capture(lambda: fn(params, cfg, cache, pad, valid, static_tokens, static_slot), pad.device)
+        captured[0].replay()
+        return captured[1]
+
+    return step
+
+
+PREFILL_GRAPHS = 4  # captured prefill widths a decode session keeps
+
+
+def cuda_graph_prefill(fn: Callable) -> Callable:
+    """``fn`` (:func:`prefill_text` or its compiled form) captured as a CUDA graph per input shape.
+
+    A prefill launches a few hundred kernels for a few milliseconds of GPU work, so
+    from Python it is bound by launches; replaying a graph is not. Each new
+    ``[B, P, dim]`` shape is captured on first use (the last :data:`PREFILL_GRAPHS` are
+    kept); later calls copy ``x`` into the graph's input and replay it. The other
+    arguments must be the same tensors at every call (a decode session's).
+    """
+    graphs: dict = {}
+
+    def run(params: dict, cfg: ModelConfig, x: Tensor, pad: Tensor, valid: Tensor, cache: list) -> Tensor:
+        key = (tuple(x.shape), x.dtype)
+        if key not in graphs:
+            if len(graphs) >= PREFILL_GRAPHS:
+                graphs.pop(next(iter(graphs)))
+            static_x = x.clone()
+            graphs[key] = (static_x, *_capture(lambda: fn(params, cfg, static_x, pad, valid, cache), x.device))
+        static_x, graph, out = graphs[key]
+        static_x.copy_(x)
         graph.replay()
         return out
 
-    return step
+    return run
 
 
 @torch.no_grad()
@@ -274,8 +307,11 @@ def decode_session(params: dict, cfg: ModelConfig, batch: int, slots: int, *, us
     run_params = {**params, "text": _decoder.fuse_projections(params["text"])} if compile else params
     fn = compiled_decode_step() if compile else decode_step
     step = (cuda_graph_step if use_graph else eager_step)(fn, run_params, cfg, cache, pad, valid)
+    # compiled generation buckets the prompt widths, so a few captured prefills serve every call
+    prefill_fn = (cuda_graph_prefill(compiled_prefill_text()) if use_graph else compiled_prefill_text()) \
+        if compile else prefill_text
     session = {"key": key, "pad": pad, "valid": valid, "cache": cache, "step": step, "busy": False,
-               "params": run_params, "prefill": compiled_prefill_text() if compile else prefill_text}
+               "params": run_params, "prefill": prefill_fn}
     if keep and "entry" not in _SESSION:
         _SESSION["entry"] = session
     return session
