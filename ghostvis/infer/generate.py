@@ -14,12 +14,16 @@ a CUDA graph and replayed for every token, so small-batch decoding is not
 bound by Python and kernel launches. Shapes are static within a generation,
 so one capture serves all of its steps. On the CPU the same step runs eagerly.
 
-``compile=True`` also runs the step through ``torch.compile`` before capture
-(inductor fuses the norms, RoPE and attention softmax between the matmuls), and
-the q/k/v and gate/up weights are stacked once per call
+``compile=True`` also runs the step through ``torch.compile`` before capture,
+and the q/k/v and gate/up weights are stacked once per call
 (:func:`ghostvis.core.decoder.fuse_projections`) so each block runs one matmul
-for each. The host never waits for the step it just launched: the next step is
-queued before the tokens of the current one are read back.
+for each. The prefill is compiled and captured too, per prompt width: prompts
+are left-padded to a multiple of :data:`PROMPT_BUCKET` tokens so that nearby
+lengths share one graph. Without gradients the cached path takes the decode
+kernels of :mod:`ghostvis.ops.decode` (split-KV attention, the residual add fused
+into the next RMSNorm, RoPE fused with the cache write, a one-row GEMV). The
+host never waits for the step it just launched: the next step is queued before
+the tokens of the current one are read back.
 """
 
 from __future__ import annotations
@@ -372,9 +376,10 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         seed: seeds the sampler, so the same call gives the same tokens (on the same device).
         on_token: called as ``on_token(row, token_id)`` for every generated token, as it comes.
         cuda_graph: capture the decode step as a CUDA graph (default: on for CUDA params).
-        compile: ``torch.compile`` the decode step (stacked projections, fused elementwise ops);
-            the first call per shape pays the compile time, later calls reuse it. The stacked
-            q/k/v and gate/up weights are a copy made per call (~2/3 of the decoder's weights).
+        compile: ``torch.compile`` the decode step and the prefill (stacked projections; on CUDA
+            the prefill is captured as a CUDA graph per prompt width); the first call per shape
+            pays the compile time, later calls reuse it. The stacked q/k/v and gate/up weights
+            are a copy made per call (~2/3 of the decoder's weights) unless ``reuse`` keeps them.
         reuse: keep the KV cache, stacked weights and captured step for the next call with the
             same shapes and weights (see :func:`decode_session`); for chat loops and benchmarks.
     """
