@@ -156,8 +156,7 @@ def test_remat_under_compile_gives_the_same_gradients(policy):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="compiled, inductor keeps more than the block inputs (d20 on an H200: 1.4x; BENCHMARKS.md)"))])
+@pytest.mark.parametrize("compiled", [False, True])
 def test_gpu_full_remat_cuts_peak_memory(compiled):
     # activations dominate at these shapes: keeping only block inputs must show in the peak
     cfg = ModelConfig(text=TextConfig(vocab_size=2048, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64,

@@ -342,9 +342,6 @@ def _with_remat_compiled_ops(compiled: Callable) -> Callable:
     """``compiled`` called with :data:`REMAT_COMPILED_OPS` forced (set outside the traced region)."""
     log.info("remat under torch.compile: %s run as plain torch for inductor to fuse",
              ", ".join(sorted(REMAT_COMPILED_OPS)))
-    log.warning("remat under torch.compile may save much less memory than eager remat (on d20 an earlier build "
-                "measured a 1.4x lower peak compiled, 4.4x eager; BENCHMARKS.md). Where memory is the limit, "
-                "train with remat and without compile.")
 
     def fn(*args, **kwargs):
         with ops.use(**REMAT_COMPILED_OPS):
