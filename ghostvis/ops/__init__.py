@@ -66,24 +66,19 @@ def _both(*preds):
 if HAS_TRITON:
     from . import decode, fused, linear_ce
 
-    dispatch.register("rms_norm", "triton", fused.rms_norm, priority=10, auto=_triton_auto,
-                      supports=_both(_triton_device, fused.rms_norm_ok))
-    dispatch.register("swiglu", "triton", fused.swiglu, priority=10, auto=_triton_auto,
-                      supports=_both(_triton_device, fused.swiglu_ok))
-    dispatch.register("rope", "triton", fused.rope, priority=10, auto=_triton_auto,
-                      supports=_both(_triton_device, fused.rope_ok))
-    dispatch.register("int8_linear", "triton", fused.int8_linear, priority=10, auto=_triton_auto,
-                      supports=_both(_triton_device, fused.int8_linear_ok))
-    dispatch.register("linear_cross_entropy", "triton", linear_ce.linear_cross_entropy, priority=10,
-                      auto=_triton_auto, supports=_both(_triton_device, linear_ce.linear_cross_entropy_ok))
-    dispatch.register("add_rms_norm", "triton", decode.add_rms_norm, priority=10, auto=_triton_auto,
-                      supports=_both(_triton_device, decode.add_rms_norm_ok))
-    dispatch.register("rope_into_cache", "triton", decode.rope_into_cache, priority=10, auto=_triton_auto,
-                      supports=_both(_triton_device, decode.rope_into_cache_ok))
-    dispatch.register("attention", "decode", decode.decode_attention, priority=25, auto=_triton_auto,
-                      supports=_both(_triton_device, decode.decode_attention_ok))
-    dispatch.register("linear", "gemv", decode.linear_gemv, priority=10, auto=_triton_auto,
-                      supports=_both(_triton_device, decode.linear_gemv_ok))
+    # (op, backend, function, the inputs it takes, priority); all run CUDA, or CPU through the interpreter
+    for _op, _name, _fn, _ok, _priority in (
+            ("rms_norm", "triton", fused.rms_norm, fused.rms_norm_ok, 10),
+            ("swiglu", "triton", fused.swiglu, fused.swiglu_ok, 10),
+            ("rope", "triton", fused.rope, fused.rope_ok, 10),
+            ("int8_linear", "triton", fused.int8_linear, fused.int8_linear_ok, 10),
+            ("linear_cross_entropy", "triton", linear_ce.linear_cross_entropy, linear_ce.linear_cross_entropy_ok, 10),
+            ("add_rms_norm", "triton", decode.add_rms_norm, decode.add_rms_norm_ok, 10),
+            ("rope_into_cache", "triton", decode.rope_into_cache, decode.rope_into_cache_ok, 10),
+            ("attention", "decode", decode.decode_attention, decode.decode_attention_ok, 25),
+            ("linear", "gemv", decode.linear_gemv, decode.linear_gemv_ok, 10)):
+        dispatch.register(_op, _name, _fn, priority=_priority, auto=_triton_auto,
+                          supports=_both(_triton_device, _ok))
 
 # The chunked loss with plain-torch rows: no Triton needed; picked only when forced.
 from . import linear_ce as _linear_ce  # noqa: E402
