@@ -253,3 +253,12 @@ def test_reused_session_gives_the_same_tokens_and_notices_weight_updates(text_mo
     assert got_a == generate(params, cfg, prompts, max_new_tokens=6)
     assert got_b == generate(params, cfg, [[30, 31, 32], [7]], max_new_tokens=6)
     gen.release_decode_session()
+
+
+def test_left_pad_to_a_given_width():
+    from ghostvis.infer.kv_cache import left_pad
+
+    tokens, pad = left_pad([[1, 2], [3]], 0, width=4)
+    assert tokens.tolist() == [[0, 0, 1, 2], [0, 0, 0, 3]] and pad.tolist() == [2, 3]
+    with pytest.raises(ValueError, match="shorter than the longest prompt"):
+        left_pad([[1, 2, 3]], 0, width=2)
