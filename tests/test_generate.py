@@ -262,3 +262,13 @@ def test_left_pad_to_a_given_width():
     assert tokens.tolist() == [[0, 0, 1, 2], [0, 0, 0, 3]] and pad.tolist() == [2, 3]
     with pytest.raises(ValueError, match="shorter than the longest prompt"):
         left_pad([[1, 2, 3]], 0, width=2)
+
+
+def test_compiled_decode_with_images_equals_eager(vlm_model):
+    """compile=True with images: the compiled (bucketed) prefill takes the merged image embeddings."""
+    params, cfg = vlm_model
+    n, img = cfg.num_image_tokens, cfg.image_token_id
+    prompts = [[1, 4] + [img] * n + [50, 51, 5], [1, 4, 60, 61, 62, 7, 5]]
+    images = [_images(1, 0), []]
+    eager = generate(params, cfg, prompts, images, max_new_tokens=8)
+    assert generate(params, cfg, prompts, images, max_new_tokens=8, compile=True) == eager
