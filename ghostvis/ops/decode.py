@@ -101,8 +101,10 @@ def rope_into_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k
 
 def rope_into_cache_ok(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
                        slots: Tensor) -> bool:
+    if k.dim() != 4 or not rope_ok(q, k, cos, sin):
+        return False
     b, hk, t, d = k.shape
-    return (rope_ok(q, k, cos, sin) and v.shape == k.shape and k_buf.shape == v_buf.shape
+    return (v.shape == k.shape and k_buf.shape == v_buf.shape
             and k_buf.dim() == 4 and k_buf.shape[:2] == (b, hk) and k_buf.shape[3] == d
             and k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1 and k_buf.dtype in FLOAT_DTYPES
             and slots.shape == (t,) and slots.dtype in (torch.int32, torch.int64)
