@@ -32,7 +32,17 @@ Tensor = torch.Tensor
 
 
 def _no_grad_wanted(*ts: Optional[Tensor]) -> bool:
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in ts)
+    """True where these forward-only kernels may run: grad mode off, or nothing to differentiate.
+
+    Inside ``torch.func`` transforms and while ``torch.compile`` traces with grad mode on,
+    ``requires_grad`` does not tell (wrapped tensors report False), so those say no.
+    """
+    if not torch.is_grad_enabled():
+        return True
+    present = [t for t in ts if t is not None]
+    if torch.compiler.is_compiling() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+        return False
+    return not any(t.requires_grad for t in present)
 
 
 # ----------------------------------------------------------------------------- add + rms_norm
@@ -60,7 +70,8 @@ def add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps:
 
 @add_rms_norm_fwd.register_fake
 def _(x, residual, weight, eps):
-    return torch.empty_like(x), torch.empty_like(x)
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
 def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
@@ -114,13 +125,14 @@ def rope_into_cache_ok(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
 # ----------------------------------------------------------------------------- decode attention
 
 BLOCK_S = 32  # cache slots per loop step of a split
+MAX_SPLITS = 64  # the merge kernel holds every split of a row in registers
 
 
 def decode_splits(batch: int, kv_heads: int, slots: int, programs: int) -> tuple[int, int]:
     """``(n_splits, split_len)``: enough splits of the cache that ``batch * kv_heads * n_splits``
     programs reach ``programs``, each a whole number of ``BLOCK_S`` slots."""
     chunks = triton.cdiv(slots, BLOCK_S)
-    n = max(1, min(chunks, programs // max(1, batch * kv_heads)))
+    n = max(1, min(chunks, programs // max(1, batch * kv_heads), MAX_SPLITS))
     split_len = triton.cdiv(chunks, n) * BLOCK_S
     return triton.cdiv(slots, split_len), split_len
 
@@ -174,6 +186,7 @@ def decode_attention_ok(q, k, v, *, causal=True, doc_ids=None, key_valid=None, m
     b, hq, _, d = q.shape
     hk = k.shape[1]
     return (k.shape == v.shape and k.shape[0] == b and k.shape[3] == d and hk > 0 and hq % hk == 0
+            and k.shape[2] > 0
             and d == triton.next_power_of_2(d) and 16 <= d <= 256 and q.dtype in FLOAT_DTYPES
             and k.dtype == q.dtype and v.dtype == q.dtype and k.stride(-1) == 1 and v.stride(-1) == 1
             and q.stride(-1) == 1 and mask.dtype == torch.bool and mask.dim() == 4

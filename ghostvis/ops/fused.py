@@ -65,7 +65,8 @@ def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tenso
 
 @rms_norm_fwd.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    # contiguous, as the kernel's output is (empty_like would copy a transposed input's strides)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("ghostvis::rms_norm_bwd", mutates_args=())
