@@ -81,18 +81,6 @@ def main(out_path: str | None) -> None:
                 row[f"triton_{dtype_name}_us"] = best[1]
                 row[f"triton_{dtype_name}_config"] = list(best[0])
                 row[f"triton_{dtype_name}_tb_s"] = b / best[1] / 1e6
-        if name == "w_down":  # SwiGLU then the down projection, against the GEMV with SwiGLU read in
-            gu = torch.randn(1, 2 * k, device=dev, dtype=torch.bfloat16)
-            h = torch.empty(1, k, device=dev, dtype=torch.bfloat16)
-
-            def unfused(w):
-                torch.mm(fused.swiglu_fwd(gu[:, :k], gu[:, k:]), w.t(), out=y)
-            row["swiglu_then_cublas_us"] = per_call_us([lambda w=w: unfused(w) for w in ws])
-            cfg = row.get("triton_bf16_config")
-            if cfg:
-                row["gemv_swiglu_us"] = per_call_us([lambda w=w: fused.gemv_launch(gu, w, None, None, y, swiglu=True,
-                                                                                 config=tuple(cfg)) for w in ws])
-            del h
         rows.append(row)
         print(json.dumps(row), flush=True)
         del ws, qs
@@ -105,9 +93,6 @@ def main(out_path: str | None) -> None:
                 line += (f" | triton {d} {r[f'triton_{d}_us']:6.2f} us {r[f'triton_{d}_tb_s']:.2f} TB/s "
                          f"{r[f'triton_{d}_config']}")
         print(line)
-        if "swiglu_then_cublas_us" in r:
-            print(f"{'':<10} swiglu + cuBLAS {r['swiglu_then_cublas_us']:.2f} us, "
-                  f"GEMV with SwiGLU read in {r.get('gemv_swiglu_us', float('nan')):.2f} us")
     if out_path:
         with open(out_path, "w") as f:
             json.dump(rows, f, indent=1)

@@ -26,7 +26,7 @@ import torch
 import triton
 
 from . import kernels as K
-from .fused import FLOAT_DTYPES, _num_warps, _rms_blocks, _rope_launch, _rows, gemv_launch, rms_norm_fwd, rope_ok
+from .fused import FLOAT_DTYPES, _num_warps, _rope_launch, gemv_launch, rms_norm_fwd, rms_norm_launch, rope_ok
 
 Tensor = torch.Tensor
 
@@ -51,20 +51,7 @@ def _no_grad_wanted(*ts: Optional[Tensor]) -> bool:
 @torch.library.custom_op("ghostvis::add_rms_norm", mutates_args=())
 def add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
     """``(s, rms_norm(s) * weight)`` with ``s = x + residual``, in one pass over the rows."""
-    d = x.shape[-1]
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.numel() == 0:
-        return s, y
-    x2, r2 = _rows(x), _rows(residual)
-    n = x2.shape[0]
-    rstd = torch.empty(n, dtype=torch.float32, device=x.device)
-    block_r, block_d = _rms_blocks(d)
-    K.rms_norm_fwd.on(x)[(triton.cdiv(n, block_r),)](
-        x2, r2, weight if weight is not None else x2, s.view(n, d), y.view(n, d), rstd,
-        x2.stride(0), r2.stride(0), d, d, n, d, eps,
-        HAS_R=True, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=_num_warps(block_r * block_d))
+    s, y, _ = rms_norm_launch(x, residual, weight, eps)
     return s, y
 
 

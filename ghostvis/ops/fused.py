@@ -45,22 +45,32 @@ def _rms_blocks(d: int) -> tuple[int, int]:
     return block_r, block_d
 
 
-@torch.library.custom_op("ghostvis::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    """``(y, rstd)``: RMSNorm of ``x`` over the last dim and the per-row ``1/rms`` (float32)."""
+def rms_norm_launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                    eps: float) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    """``(s, y, rstd)``: ``s = x + residual`` (None without a residual), ``y`` its RMSNorm times
+    ``weight``, ``rstd`` the per-row ``1/rms`` (float32); outputs contiguous."""
     d = x.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return y, rstd
+        return s, y, rstd
     x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else x2
     n = x2.shape[0]
     block_r, block_d = _rms_blocks(d)
     K.rms_norm_fwd.on(x)[(triton.cdiv(n, block_r),)](
-        x2, x2, weight if weight is not None else x2, x2, y.view(n, d), rstd, x2.stride(0), 0, 0, d, n, d, eps,
-        HAS_R=False, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        x2, r2, weight if weight is not None else x2, s.view(n, d) if s is not None else x2, y.view(n, d), rstd,
+        x2.stride(0), r2.stride(0), d, d, n, d, eps,
+        HAS_R=residual is not None, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=_num_warps(block_r * block_d))
-    return y, rstd
+    return s, y, rstd
+
+
+@torch.library.custom_op("ghostvis::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """``(y, rstd)``: RMSNorm of ``x`` over the last dim and the per-row ``1/rms`` (float32)."""
+    return rms_norm_launch(x, None, weight, eps)[1:]
 
 
 @rms_norm_fwd.register_fake
@@ -331,16 +341,15 @@ def gemv_config(n: int, weight_dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 def gemv_launch(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], y: Tensor,
-                swiglu: bool = False, config: Optional[tuple[int, int, int]] = None) -> Tensor:
-    """``y[0] = x[0] @ (weight * scale[:, None]).T + bias`` for one row ``x`` ``[1, K]`` (``[1, 2K]``,
-    gate then up, with ``swiglu``); ``weight`` ``[N, K]`` bf16/fp16/fp32 or INT8 with ``scale``."""
+                config: Optional[tuple[int, int, int]] = None) -> Tensor:
+    """``y[0] = x[0] @ (weight * scale[:, None]).T + bias`` for one row ``x`` ``[1, K]``;
+    ``weight`` ``[N, K]`` bf16/fp16/fp32, or INT8 with ``scale``."""
     n, k = weight.shape
     bn, bk, warps = config if config is not None else gemv_config(n, weight.dtype)
     K.gemv.on(x)[(triton.cdiv(n, bn),)](
         x, weight, scale if scale is not None else y, bias if bias is not None else y, y, n, k,
-        x.stride(1), k * x.stride(1), weight.stride(0), weight.stride(1),
-        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        x.stride(1), weight.stride(0), weight.stride(1),
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y
 
 

@@ -391,14 +391,11 @@ def int8_matmul(X, W, SCALE, BIAS, Y, M, N, K, sx_m, sx_k, sw_n, sw_k, sy_m, sy_
 
 
 @kernel
-def gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, up_offset, sw_n, sw_k,
-         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, sw_n, sw_k,
+         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y = x @ w.T for one row of x (batch-1 decode): no tensor-core tile to fill, so each
     # program reads a narrow strip of the weight (bf16, or INT8 times a per-row SCALE) and
-    # reduces it in fp32; many programs keep the loads in flight. With SWIGLU, x is
-    # silu(X[:K]) * X[up_offset:][:K] (the gate and up halves of the projection before),
-    # rounded to X's dtype as the unfused op would store it.
+    # reduces it in fp32; many programs keep the loads in flight.
     pid = tl.program_id(0)
     rn = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
@@ -406,9 +403,6 @@ def gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, up_offset, sw_n, sw_k,
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(X + kk * sx_k, mask=kk < K, other=0.0).to(tl.float32)
-        if SWIGLU:
-            up = tl.load(X + up_offset + kk * sx_k, mask=kk < K, other=0.0).to(tl.float32)
-            x = (x * tl.sigmoid(x) * up).to(X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + rn[:, None] * sw_n + kk[None, :] * sw_k, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     y = acc
