@@ -131,16 +131,20 @@ def random_batch(cfg: gv.ModelConfig, b: int, t: int, device="cuda") -> dict:
 # ----------------------------------------------------------------------------- GhostVis
 
 # elementwise ops handed to inductor as plain torch (it fuses them with their neighbours)
-INDUCTOR_OPS = {"rms_norm": "reference", "swiglu": "reference", "rope": "reference"}
+INDUCTOR_OPS = {"rms_norm": "reference", "swiglu": "reference", "rope": "reference", "qkv_rope": "reference",
+                "swiglu_stacked": "reference"}
 
-# name -> (compiled, which ops, stacked q/k/v and gate/up weights)
+# name -> (compiled, which ops, weight layout): "stacked" stacks q/k/v and gate/up inside the loss
+# (the default, ``value_and_grad(stacked=True)``), "separate" runs one matmul per matrix, "stored"
+# keeps the parameters themselves stacked (``decoder.fuse_projections``)
 ROWS = {
-    "ghostvis": (True, "default", False),
-    "ghostvis-triton": (True, "triton", False),
-    "ghostvis-inductor": (True, "inductor", False),
-    "ghostvis-triton-fused": (True, "triton", True),
-    "ghostvis-inductor-fused": (True, "inductor", True),
-    "ghostvis-reference": (False, "reference", False),
+    "ghostvis": (True, "default", "stacked"),
+    "ghostvis-separate": (True, "default", "separate"),
+    "ghostvis-stored": (True, "default", "stored"),
+    "ghostvis-triton": (True, "triton", "stacked"),
+    "ghostvis-inductor": (True, "inductor", "stacked"),
+    "ghostvis-inductor-separate": (True, "inductor", "separate"),
+    "ghostvis-reference": (False, "reference", "separate"),
 }
 
 
@@ -151,20 +155,27 @@ def ops_context(which: str):
     if which == "inductor":
         return gv.ops.use(**INDUCTOR_OPS)
     if which == "triton":
-        return gv.ops.use(rms_norm="triton", swiglu="triton", rope="triton")
+        return gv.ops.use(rms_norm="triton", swiglu="triton", rope="triton", qkv_rope="triton",
+                          swiglu_stacked="triton")
     return gv.ops.use()
 
 
-def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, which: str, fused: bool,
+def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, which: str, layout: str = "stacked",
                   dtype: torch.dtype = torch.bfloat16) -> Callable:
-    """A closure running one full training step (grad + AdamW update) on ``batch``; returns the loss."""
+    """A closure running one full training step (grad + AdamW update) on ``batch``; returns the loss.
+
+    ``layout``: ``stacked`` (q/k/v and gate/up stacked inside the loss), ``separate`` or
+    ``stored`` (the parameters themselves stacked).
+    """
+    if layout not in ("stacked", "separate", "stored"):
+        raise ValueError(f"layout must be stacked, separate or stored, got {layout!r}")
     params = gv.init(cfg, seed=0, device=batch["tokens"].device, dtype=dtype)
-    if fused:
+    if layout == "stored":
         params = {**params, "text": fuse_projections(params["text"])}
     params = gv.flatten(params)
     opt = AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
     state = opt.init(params)
-    grad_fn = value_and_grad(cfg, {}, select=False)
+    grad_fn = value_and_grad(cfg, {}, select=False, stacked=layout == "stacked")
     if compiled:
         grad_fn = torch.compile(grad_fn)
     normalizer = (batch["targets"] != -100).sum().float()
@@ -331,7 +342,7 @@ def main(args: BenchTrain) -> list[dict]:
     batch = random_batch(cfg, args.batch, args.seq)
     fpt = gv.flops_per_token(cfg, args.seq)
     tokens = args.batch * args.seq
-    builders = {name: (lambda c=c, w=w, f=f: ghostvis_step(cfg, batch, compiled=c, which=w, fused=f))
+    builders = {name: (lambda c=c, w=w, f=f: ghostvis_step(cfg, batch, compiled=c, which=w, layout=f))
                 for name, (c, w, f) in ROWS.items()}
     builders |= {"plain": lambda: plain_step(cfg, batch), "hf": lambda: hf_step(cfg, batch)}
     results = run_rows(builders, args.rows, args.steps, args.warmup, args.profile,
@@ -368,7 +379,8 @@ class BenchVLM:
     warmup: int = 3
     """Untimed steps first."""
     rows: list[str] = field(default_factory=lambda: ["ghostvis", "ghostvis-eager"])
-    """ghostvis (compiled), ghostvis-eager (kernels, no compile), ghostvis-reference (plain-torch ops, eager)."""
+    """ghostvis (compiled), ghostvis-separate (compiled, unstacked q/k/v and gate/up), ghostvis-eager (kernels,
+    no compile), ghostvis-reference (plain-torch ops, eager)."""
     profile: bool = False
     """Also print GPU time per kernel category."""
     out: str = "bench_out"
@@ -397,10 +409,12 @@ def vlm(args: BenchVLM) -> list[dict]:
         raise SystemExit(f"preset {args.preset!r} has no vision encoder")
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, max_seq_len=max(cfg.text.max_seq_len, args.seq)))
     batch = vlm_batch(cfg, args.batch, args.seq)
-    builders = {"ghostvis": lambda: ghostvis_step(cfg, batch, compiled=True, which="default", fused=False),
-                "ghostvis-eager": lambda: ghostvis_step(cfg, batch, compiled=False, which="default", fused=False),
+    builders = {"ghostvis": lambda: ghostvis_step(cfg, batch, compiled=True, which="default"),
+                "ghostvis-separate": lambda: ghostvis_step(cfg, batch, compiled=True, which="default",
+                                                           layout="separate"),
+                "ghostvis-eager": lambda: ghostvis_step(cfg, batch, compiled=False, which="default"),
                 "ghostvis-reference": lambda: ghostvis_step(cfg, batch, compiled=False, which="reference",
-                                                            fused=False)}
+                                                            layout="separate")}
     tokens = args.batch * args.seq
     results = run_rows(builders, args.rows, args.steps, args.warmup, args.profile,
                        lambda sec: {"images_per_s": args.batch / sec, "tokens_per_s": tokens / sec})

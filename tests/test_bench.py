@@ -55,8 +55,8 @@ def test_train_and_vlm_steps_run_on_cpu(preset, vlm):
 
     cfg = gv.presets.get(preset)
     batch = (bench_train.vlm_batch if vlm else bench_train.random_batch)(cfg, 2, 32, device="cpu")
-    for which in ("default", "reference", "inductor"):
-        step = bench_train.ghostvis_step(cfg, batch, compiled=False, which=which, fused=not vlm, dtype=torch.float32)
+    for which, layout in (("default", "stacked"), ("reference", "separate"), ("inductor", "stored")):
+        step = bench_train.ghostvis_step(cfg, batch, compiled=False, which=which, layout=layout, dtype=torch.float32)
         losses = [float(step()) for _ in range(3)]
         assert losses[-1] < losses[0], (which, losses)
 

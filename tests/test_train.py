@@ -319,12 +319,12 @@ def test_remat_policies_save_fewer_activations():
     assert sizes["selective"] <= none - dropped, (none, sizes["selective"], dropped)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_selective_remat_with_biases_qk_norm_and_stacked_weights(fused):
+@pytest.mark.parametrize("fused,qk_norm", [(False, True), (True, True), (True, False)])
+def test_selective_remat_with_biases_qk_norm_and_stacked_weights(fused, qk_norm):
     from ghostvis.core.decoder import fuse_projections
 
     cfg = ModelConfig(text=TextConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
-                                      ffn_dim=64, max_seq_len=64, qkv_bias=True, qk_norm=True))
+                                      ffn_dim=64, max_seq_len=64, qkv_bias=True, qk_norm=qk_norm))
     params = gv.init(cfg, seed=4)
     params = gv.tree_map(lambda t: t + 0.05 * torch.randn_like(t), params)  # biases and norms matter
     if fused:
@@ -337,6 +337,29 @@ def test_selective_remat_with_biases_qk_norm_and_stacked_weights(fused):
     torch.testing.assert_close(l0, l1, atol=0, rtol=0)
     for k in g0:
         torch.testing.assert_close(g0[k], g1[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kw", [{}, {"qkv_bias": True}, {"qk_norm": True}])
+def test_stacked_projections_give_the_separate_loss_and_grads(backend, kw):
+    """value_and_grad stacks q/k/v and gate/up inside the loss by default: same loss, same
+    gradients for the separate matrices as the unstacked step (Triton ops through the interpreter)."""
+    if backend == "triton" and not gv.ops.HAS_TRITON:
+        pytest.skip("needs triton")
+    cfg = ModelConfig(text=TextConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                                      ffn_dim=64, max_seq_len=64, **kw))
+    params = gv.tree_map(lambda t: t + 0.05 * torch.randn_like(t), gv.init(cfg, seed=5))
+    trainable, frozen = tstep.partition(params, "all")
+    b = random_batch(cfg, seed=5, images=False)
+    n = (b["targets"] != -100).sum().float()
+    g0, l0 = tstep.value_and_grad(cfg, frozen, stacked=False)(trainable, b, n)
+    names = ("rms_norm", "swiglu", "rope", "qkv_rope", "swiglu_stacked", "add_rms_norm")
+    with gv.ops.use(**dict.fromkeys(names, backend)):
+        g1, l1 = tstep.value_and_grad(cfg, frozen)(trainable, b, n)
+    assert set(g1) == set(g0) == set(trainable)
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-4, msg=k)
 
 
 def test_selective_remat_under_bf16_autocast():

@@ -14,10 +14,12 @@ Layout of ``params["text"]`` (weights are ``[out, in]``, like ``nn.Linear``)::
     norm             [dim]
     lm_head          [vocab, dim]  (absent when tie_embeddings)
 
-:func:`fuse_projections` gives the same model in a serving layout: ``attn.wqkv``
+:func:`fuse_projections` gives the same model in a stacked layout: ``attn.wqkv``
 (``wq``, ``wk``, ``wv`` stacked along the output dim, biases likewise as ``bqkv``)
-and ``mlp.w_gate_up``, so a block runs one matmul where it ran three and two. The
-blocks accept either layout; checkpoints and HF interop keep the separate one.
+and ``mlp.w_gate_up``, so a block runs one matmul where it ran three and two.
+Generation uses it, and so does training (stacked inside the loss, so gradients and
+optimizer state stay per matrix). The blocks accept either layout; checkpoints and HF
+interop keep the separate one.
 
 Nothing here holds state. The optional KV cache is a pair of preallocated
 buffers per layer that :func:`attention_block` writes in place at ``cache_pos``
@@ -85,23 +87,28 @@ def fuse_projections(params: dict) -> dict:
     INT8 weights (dicts of ``q`` and ``scale``) are stacked too. The stacked tensors
     are new memory; ``params`` is left untouched.
     """
+    return {**params, "layers": [fuse_layer(lp) for lp in params["layers"]]}
+
+
+def fuse_layer(lp: dict) -> dict:
+    """One block's params in the stacked layout of :func:`fuse_projections` (already stacked: as is)."""
     def stack(ws):
         if isinstance(ws[0], dict):
             return {key: torch.cat([w[key] for w in ws]) for key in ws[0]}
         return torch.cat(ws)
 
-    layers = []
-    for lp in params["layers"]:
+    out = dict(lp)
+    if "attn" in lp and "wqkv" not in lp["attn"]:
         attn = {k: v for k, v in lp["attn"].items() if k not in ("wq", "wk", "wv", "bq", "bk", "bv")}
-        if "wqkv" not in lp["attn"]:
-            attn["wqkv"] = stack([lp["attn"]["wq"], lp["attn"]["wk"], lp["attn"]["wv"]])
-            if "bq" in lp["attn"]:
-                attn["bqkv"] = torch.cat([lp["attn"]["bq"], lp["attn"]["bk"], lp["attn"]["bv"]])
+        attn["wqkv"] = stack([lp["attn"]["wq"], lp["attn"]["wk"], lp["attn"]["wv"]])
+        if "bq" in lp["attn"]:
+            attn["bqkv"] = torch.cat([lp["attn"]["bq"], lp["attn"]["bk"], lp["attn"]["bv"]])
+        out["attn"] = attn
+    if "mlp" in lp and "w_gate_up" not in lp["mlp"]:
         mlp = {k: v for k, v in lp["mlp"].items() if k not in ("w_gate", "w_up")}
-        if "w_gate_up" not in lp["mlp"]:
-            mlp["w_gate_up"] = stack([lp["mlp"]["w_gate"], lp["mlp"]["w_up"]])
-        layers.append({**lp, "attn": attn, "mlp": mlp})
-    return {**params, "layers": layers}
+        mlp["w_gate_up"] = stack([lp["mlp"]["w_gate"], lp["mlp"]["w_up"]])
+        out["mlp"] = mlp
+    return out
 
 
 def qkv(p: dict, cfg: TextConfig, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,8 +129,27 @@ def attention_block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tenso
     slots ``cache_pos`` ``[T]`` and the queries attend over the whole buffer
     under ``attn_mask`` ``[B, 1, T, S]`` (True = attend), which the caller builds.
     """
+    if "wqkv" in p and kv_cache is None and not cfg.qk_norm:
+        return attend_stacked(p, cfg, project(x, p["wqkv"], p.get("bqkv")), cos, sin, doc_ids=doc_ids)
     return attend(p, cfg, *qkv(p, cfg, x), cos, sin, doc_ids=doc_ids, kv_cache=kv_cache, cache_pos=cache_pos,
                   attn_mask=attn_mask)
+
+
+def attend_stacked(p: dict, cfg: TextConfig, qkv: Tensor, cos: Tensor, sin: Tensor, *,
+                   doc_ids: Optional[Tensor] = None) -> Tensor:
+    """:func:`attend` (no KV cache, no qk-norm) from the stacked projection ``[B, T, (Hq + 2 Hkv) * hd]``.
+
+    ``ops.qkv_rope`` splits it into heads and rotates q and k in one pass, and in the
+    backward writes the projection's gradient as one tensor (no concatenation).
+    """
+    q, k, v = ops.qkv_rope(qkv, cos, sin, cfg.n_heads, cfg.n_kv_heads)
+    return _merge_heads(p, cfg, ops.attention(q, k, v, causal=True, doc_ids=doc_ids))
+
+
+def _merge_heads(p: dict, cfg: TextConfig, o: Tensor) -> Tensor:
+    """The output projection of attention's ``o`` ``[B, H, T, hd]``."""
+    b, _, t, hd = o.shape
+    return project(o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd), p["wo"])
 
 
 def attend(p: dict, cfg: TextConfig, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, *,
@@ -146,17 +172,16 @@ def attend(p: dict, cfg: TextConfig, q: Tensor, k: Tensor, v: Tensor, cos: Tenso
         k_buf, v_buf = kv_cache
         q = ops.rope_into_cache(q, k, v, cos, sin, k_buf, v_buf, cache_pos)
         o = ops.attention(q, k_buf, v_buf, causal=False, mask=attn_mask)
-    o = o.transpose(1, 2).reshape(b, t, cfg.n_heads * hd)
-    return project(o, p["wo"])
+    return _merge_heads(p, cfg, o)
 
 
 def mlp_block(p: dict, x: Tensor) -> Tensor:
     """SwiGLU MLP on already-normalised ``x`` (separate or stacked gate/up weights)."""
     if "w_gate_up" in p:
-        gate, up = project(x, p["w_gate_up"]).chunk(2, dim=-1)
+        h = ops.swiglu_stacked(project(x, p["w_gate_up"]))
     else:
-        gate, up = project(x, p["w_gate"]), project(x, p["w_up"])
-    return project(ops.swiglu(gate, up), p["w_down"])
+        h = ops.swiglu(project(x, p["w_gate"]), project(x, p["w_up"]))
+    return project(h, p["w_down"])
 
 
 def block(p: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, **attn_kw) -> Tensor:
@@ -181,9 +206,9 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
     """
     positions = default_positions(x) if positions is None else positions
     cos, sin = rope_tables(cfg, positions)
-    if kv_cache is not None and block_fn is None:
-        return cached_blocks(params, cfg, x, cos, sin, kv_cache, cache_pos, attn_mask)
-    block_fn = block if block_fn is None else block_fn
+    if block_fn is None:
+        return fused_blocks(params, cfg, x, cos, sin, doc_ids=doc_ids, kv_cache=kv_cache, cache_pos=cache_pos,
+                            attn_mask=attn_mask)
     for i, lp in enumerate(params["layers"]):
         kw = {"doc_ids": doc_ids}
         if kv_cache is not None:
@@ -192,17 +217,21 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
     return ops.rms_norm(x, params["norm"], cfg.norm_eps)
 
 
-def cached_blocks(params: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: list,
-                  cache_pos: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
-    """The blocks and final norm of :func:`decode_hidden` against a KV cache (prefill and decode).
+def fused_blocks(params: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, *,
+                 doc_ids: Optional[Tensor] = None, kv_cache: Optional[list] = None,
+                 cache_pos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
+    """The blocks and final norm of :func:`decode_hidden` (training, prefill and decode).
 
     The same model as a loop of :func:`block`, but each residual add runs with the
-    norm after it (``ops.add_rms_norm``): one kernel where a decode step ran two.
+    norm after it (``ops.add_rms_norm``): one kernel where there were two, forward and
+    backward. The sub-blocks get the cache arguments when ``kv_cache`` is given.
     """
     eps, branch = cfg.norm_eps, None
-    for lp, cache in zip(params["layers"], kv_cache):
+    for i, lp in enumerate(params["layers"]):
+        kw = ({"doc_ids": doc_ids} if kv_cache is None
+              else {"kv_cache": kv_cache[i], "cache_pos": cache_pos, "attn_mask": attn_mask})
         x, h = ops.add_rms_norm(x, branch, lp["attn_norm"], eps)
-        a = attention_block(lp["attn"], cfg, h, cos, sin, kv_cache=cache, cache_pos=cache_pos, attn_mask=attn_mask)
+        a = attention_block(lp["attn"], cfg, h, cos, sin, **kw)
         x, h = ops.add_rms_norm(x, a, lp["mlp_norm"], eps)
         branch = mlp_block(lp["mlp"], h)
     return ops.add_rms_norm(x, branch, params["norm"], eps)[1]

@@ -9,7 +9,9 @@ op                   backends, in the order they are tried
 rms_norm             triton, reference
 swiglu               triton, reference
 rope                 triton, reference
-add_rms_norm         triton (no gradient), reference
+qkv_rope             triton, reference
+swiglu_stacked       triton, reference
+add_rms_norm         triton, reference
 rope_into_cache      triton (no gradient), reference
 linear_cross_entropy triton (chunked), chunked (chunked, torch rows), reference
 int8_linear          triton, reference
@@ -40,7 +42,8 @@ from .dispatch import backends, force, use
 Tensor = torch.Tensor
 
 for _name in ("rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention",
-              "linear_cross_entropy", "int8_linear", "add_rms_norm", "rope_into_cache"):
+              "linear_cross_entropy", "int8_linear", "add_rms_norm", "rope_into_cache", "qkv_rope",
+              "swiglu_stacked"):
     dispatch.register(_name, "reference", getattr(reference, _name))
 
 try:
@@ -71,9 +74,11 @@ if HAS_TRITON:
             ("rms_norm", "triton", fused.rms_norm, fused.rms_norm_ok, 10),
             ("swiglu", "triton", fused.swiglu, fused.swiglu_ok, 10),
             ("rope", "triton", fused.rope, fused.rope_ok, 10),
+            ("qkv_rope", "triton", fused.qkv_rope, fused.qkv_rope_ok, 10),
+            ("swiglu_stacked", "triton", fused.swiglu_stacked, fused.swiglu_stacked_ok, 10),
             ("int8_linear", "triton", fused.int8_linear, fused.int8_linear_ok, 10),
             ("linear_cross_entropy", "triton", linear_ce.linear_cross_entropy, linear_ce.linear_cross_entropy_ok, 10),
-            ("add_rms_norm", "triton", decode.add_rms_norm, decode.add_rms_norm_ok, 10),
+            ("add_rms_norm", "triton", fused.add_rms_norm, fused.add_rms_norm_ok, 10),
             ("rope_into_cache", "triton", decode.rope_into_cache, decode.rope_into_cache_ok, 10),
             ("attention", "decode", decode.decode_attention, decode.decode_attention_ok, 25),
             ("linear", "gemv", decode.linear_gemv, decode.linear_gemv_ok, 10)):
@@ -116,6 +121,12 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: Optional[str] = None) -> Tensor
     return dispatch.call("swiglu", gate, up, backend=backend)
 
 
+def swiglu_stacked(gate_up: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """:func:`swiglu` of the two halves of ``gate_up``'s last dim (a stacked gate/up projection);
+    its gradient comes back as one tensor, so the projection's backward needs no concatenation."""
+    return dispatch.call("swiglu_stacked", gate_up, backend=backend)
+
+
 def gelu(x: Tensor, approximate: str = "none", *, backend: Optional[str] = None) -> Tensor:
     """GELU; ``approximate="tanh"`` is SigLIP's ``gelu_pytorch_tanh``."""
     return dispatch.call("gelu", x, approximate, backend=backend)
@@ -129,6 +140,16 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Rotary position embedding on q ``[B,Hq,T,D]`` and k ``[B,Hk,T,D]`` (half-split convention)."""
     return dispatch.call("rope", q, k, cos, sin, backend=backend)
+
+
+def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, *,
+             backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k (with RoPE) and v ``[B, H, T, D]`` from a stacked projection ``[B, T, (Hq + 2 Hkv) * D]``.
+
+    One pass over the projection forward, and one backward that writes the projection's
+    gradient in one piece; see :func:`ghostvis.ops.reference.qkv_rope`.
+    """
+    return dispatch.call("qkv_rope", qkv, cos, sin, n_heads, n_kv_heads, backend=backend)
 
 
 def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None, eps: float = 1e-6, *,
@@ -165,5 +186,6 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Te
 
 
 __all__ = ["rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention", "linear_cross_entropy",
-           "int8_linear", "add_rms_norm", "rope_into_cache", "use", "force", "backends", "dispatch", "reference",
+           "int8_linear", "add_rms_norm", "rope_into_cache", "qkv_rope", "swiglu_stacked", "use", "force", "backends",
+           "dispatch", "reference",
            "HAS_TRITON"]

@@ -1,9 +1,10 @@
 """Inference-only Triton ops for the cached (prefill / decode) path: fewer, fused kernels per block.
 
 A batch-1 decode step is bound by how many kernels each block launches, not by
-their bytes, so these fold neighbouring steps together:
+their bytes, so these fold neighbouring steps together (so does ``add_rms_norm``,
+the residual add and the RMSNorm after it in one kernel, which lives in
+:mod:`ghostvis.ops.fused` because training uses it too):
 
-- ``add_rms_norm``: the residual add and the RMSNorm after it, in one kernel.
 - ``rope_into_cache``: RoPE on q and k, and the write of k and v into the KV
   cache at their slots, in one kernel (was: RoPE, then one copy each for k and v).
 - ``linear`` of one row (``gemv``): a Triton GEMV whose narrow strips keep more of the
@@ -26,7 +27,7 @@ import torch
 import triton
 
 from . import kernels as K
-from .fused import FLOAT_DTYPES, _num_warps, _rope_launch, gemv_launch, rms_norm_fwd, rms_norm_launch, rope_ok
+from .fused import FLOAT_DTYPES, _num_warps, _rope_launch, gemv_launch, rope_ok
 
 Tensor = torch.Tensor
 
@@ -45,37 +46,6 @@ def _no_grad_wanted(*ts: Optional[Tensor]) -> bool:
     return not any(t.requires_grad for t in present)
 
 
-# ----------------------------------------------------------------------------- add + rms_norm
-
-
-@torch.library.custom_op("ghostvis::add_rms_norm", mutates_args=())
-def add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    """``(s, rms_norm(s) * weight)`` with ``s = x + residual``, in one pass over the rows."""
-    s, y, _ = rms_norm_launch(x, residual, weight, eps)
-    return s, y
-
-
-@add_rms_norm_fwd.register_fake
-def _(x, residual, weight, eps):
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty(x.shape, dtype=x.dtype, device=x.device))
-
-
-def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
-                 eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """``(x + residual, rms_norm(x + residual, weight))``; ``residual=None`` is a plain RMSNorm of ``x``."""
-    if residual is None:
-        return x, rms_norm_fwd(x, weight, eps)[0]
-    return add_rms_norm_fwd(x, residual, weight, eps)
-
-
-def add_rms_norm_ok(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
-                    eps: float = 1e-6) -> bool:
-    return (x.dtype in FLOAT_DTYPES and (residual is None or (residual.shape == x.shape
-                                                              and residual.dtype == x.dtype))
-            and (weight is None or weight.shape == (x.shape[-1],)) and _no_grad_wanted(x, residual, weight))
-
-
 # ----------------------------------------------------------------------------- rope + cache write
 
 
@@ -83,7 +53,8 @@ def add_rms_norm_ok(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
 def rope_into_cache_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
                         slots: Tensor) -> Tensor:
     """RoPE of q (returned) and k; k and v written into ``k_buf`` / ``v_buf`` at columns ``slots``."""
-    return _rope_launch(q, k, cos, sin, backward=False, cache=(v, k_buf, v_buf, slots))[0]
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return _rope_launch(q, k, cos, sin, backward=False, v=v, qo=qo, ko=k_buf, vo=v_buf, slots=slots)[0]
 
 
 @rope_into_cache_fwd.register_fake

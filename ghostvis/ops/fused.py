@@ -79,15 +79,17 @@ def _(x, weight, eps):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("ghostvis::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(dx, dweight)`` of RMSNorm; ``dweight`` is empty when there is no weight."""
+def rms_norm_bwd_launch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                        ds: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(dx, dweight)`` of RMSNorm (plus ``ds``, the input's gradient from other paths, when given);
+    ``dweight`` is empty when there is no weight."""
     d = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         dw = torch.zeros_like(weight) if weight is not None else x.new_empty(0)
         return dx, dw
     x2, dy2 = _rows(x), _rows(dy)
+    ds2 = _rows(ds) if ds is not None else dy2
     n = x2.shape[0]
     block_r, block_d = _rms_blocks(d)
     programs = min(K.programs_for(x), triton.cdiv(n, block_r))
@@ -95,11 +97,18 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor) 
     programs = triton.cdiv(n, rows_per_program)
     partial = torch.empty((programs, d) if weight is not None else (0,), dtype=torch.float32, device=x.device)
     K.rms_norm_bwd.on(x)[(programs,)](
-        x2, weight if weight is not None else x2, dy2, rstd.reshape(-1), dx.view(n, d), partial,
-        x2.stride(0), dy2.stride(0), d, n, d, rows_per_program,
-        HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d))
+        x2, weight if weight is not None else x2, dy2, ds2, rstd.reshape(-1), dx.view(n, d), partial,
+        x2.stride(0), dy2.stride(0), ds2.stride(0), d, n, d, rows_per_program,
+        HAS_W=weight is not None, HAS_DS=ds is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=_num_warps(block_r * block_d))
     dw = partial.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
     return dx, dw
+
+
+@torch.library.custom_op("ghostvis::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dx, dweight)`` of RMSNorm; ``dweight`` is empty when there is no weight."""
+    return rms_norm_bwd_launch(dy, x, weight, rstd)
 
 
 @rms_norm_bwd.register_fake
@@ -135,6 +144,70 @@ def rms_norm_ok(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -
                                     and weight.dtype in FLOAT_DTYPES)))
 
 
+# ----------------------------------------------------------------------------- add + rms_norm
+
+
+@torch.library.custom_op("ghostvis::add_rms_norm", mutates_args=())
+def add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor],
+                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, rms_norm(s) * weight, rstd)`` with ``s = x + residual``, in one pass over the rows."""
+    return rms_norm_launch(x, residual, weight, eps)
+
+
+@add_rms_norm_fwd.register_fake
+def _(x, residual, weight, eps):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("ghostvis::add_rms_norm_bwd", mutates_args=())
+def add_rms_norm_bwd(dy: Tensor, ds: Optional[Tensor], s: Tensor, weight: Optional[Tensor],
+                     rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dx, dweight)`` of :func:`add_rms_norm_fwd`: ``dx`` (the gradient of ``x`` and of
+    ``residual`` alike) is the norm's input gradient plus ``ds``, the gradient of ``s``."""
+    return rms_norm_bwd_launch(dy, s, weight, rstd, ds)
+
+
+@add_rms_norm_bwd.register_fake
+def _(dy, ds, s, weight, rstd):
+    return torch.empty_like(s), (torch.empty_like(weight) if weight is not None else s.new_empty(0))
+
+
+def _add_rms_setup(ctx, inputs, output):
+    x, residual, weight, _ = inputs
+    ctx.has_weight = weight is not None
+    ctx.save_for_backward(output[0], weight, output[2])
+
+
+def _add_rms_backward(ctx, ds, dy, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(s)
+    dx, dw = add_rms_norm_backward(dy, ds, s, weight, rstd)
+    return dx, dx, (dw if ctx.has_weight else None), None
+
+
+add_rms_norm_backward = backward_only("add_rms_norm_backward", add_rms_norm_bwd)
+add_rms_norm_function = differentiable("AddRMSNormFunction", add_rms_norm_fwd, _add_rms_setup, _add_rms_backward,
+                                       non_differentiable=(2,))
+
+
+def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
+                 eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """``(x + residual, rms_norm(x + residual, weight))`` with a Triton forward and backward;
+    ``residual=None`` is a plain RMSNorm of ``x``."""
+    if residual is None:
+        return x, rms_norm(x, weight, eps)
+    s, y, _ = add_rms_norm_function(x, residual, weight, eps)
+    return s, y
+
+
+def add_rms_norm_ok(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
+                    eps: float = 1e-6) -> bool:
+    return (rms_norm_ok(x, weight, eps)
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
+
+
 # ----------------------------------------------------------------------------- swiglu
 
 
@@ -155,6 +228,10 @@ def _swiglu_grid(rows: int, cols: int) -> tuple[int, int, int]:
 @torch.library.custom_op("ghostvis::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` (Triton)."""
+    return _swiglu_launch(gate, up)
+
+
+def _swiglu_launch(gate: Tensor, up: Tensor) -> Tensor:
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if gate.numel() == 0:
         return y
@@ -221,22 +298,32 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
-                 cache: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
-    """Rotate q and k; with ``cache=(v, k_buf, v_buf, slots)`` k (rotated) and v go to the cache
-    columns ``slots`` instead of a new k, which is then returned as ``k_buf``."""
+def bthd_empty(shape: torch.Size, dtype: torch.dtype, device) -> Tensor:
+    """An empty ``[B, H, T, D]`` tensor laid out as ``[B, T, H, D]`` in memory (a transposed view).
+
+    The layout of a projection's output: attention kernels take it as is, and their
+    output, in the same layout, goes back to ``[B, T, H * D]`` without a copy.
+    """
+    b, h, t, d = shape
+    return torch.empty((b, t, h, d), dtype=dtype, device=device).transpose(1, 2)
+
+
+def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool, *, v: Optional[Tensor] = None,
+                 qo: Optional[Tensor] = None, ko: Optional[Tensor] = None, vo: Optional[Tensor] = None,
+                 slots: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Rotate q and k into ``qo`` / ``ko`` (new ``[B, T, H, D]``-laid-out tensors where not given),
+    and copy ``v`` to ``vo`` when ``v`` is given; with ``slots`` k and v go to the cache columns
+    ``slots`` of ``ko`` / ``vo`` (the KV cache buffers). Returns ``(qo, ko, vo)``."""
     b, hq, t, d = q.shape
     hk = k.shape[1]
-    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if cache is None:
-        ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        v, vo, slots = k, ko, q  # unused by the kernel without TO_CACHE
-    else:
-        v, ko, vo, slots = cache
-        v = _unit_last(v)
+    qo = bthd_empty(q.shape, q.dtype, q.device) if qo is None else qo
+    ko = bthd_empty(k.shape, k.dtype, k.device) if ko is None else ko
+    if v is not None and vo is None:
+        vo = bthd_empty(v.shape, v.dtype, v.device)
     if q.numel() == 0 and k.numel() == 0:
-        return qo, ko
+        return qo, ko, vo
     q, k = _unit_last(q), _unit_last(k)
+    v_, vo_ = (_unit_last(v), vo) if v is not None else (k, ko)  # unused by the kernel without WITH_V
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     cos, sin = cos.contiguous(), sin.contiguous()
@@ -245,37 +332,38 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
     block_d = triton.next_power_of_2(half)
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
     K.rope_qk.on(q)[(b * t,)](
-        q, k, v, cos, sin, qo, ko, vo, slots, t, hq, hk,
+        q, k, v_, cos, sin, qo, ko, vo_, slots if slots is not None else q, t, hq, hk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        v_.stride(0), v_.stride(1), v_.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-        vo.stride(0), vo.stride(1), vo.stride(2), cos_b, cos.stride(1),
+        vo_.stride(0), vo_.stride(1), vo_.stride(2), cos_b, cos.stride(1),
         HALF=half, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BACKWARD=backward,
-        TO_CACHE=cache is not None, num_warps=_num_warps((block_hq + block_hk) * block_d))
-    return qo, ko
+        WITH_V=v is not None, TO_CACHE=slots is not None,
+        num_warps=_num_warps((block_hq + 2 * block_hk) * block_d))
+    return qo, ko, vo
 
 
 @torch.library.custom_op("ghostvis::rope_fwd", mutates_args=())
 def rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotary embedding of q and k in one launch (half-split convention)."""
-    return _rope_launch(q, k, cos, sin, backward=False)
+    """Rotary embedding of q and k in one launch (half-split convention); outputs laid out
+    ``[B, T, H, D]`` (see :func:`bthd_empty`)."""
+    return _rope_launch(q, k, cos, sin, backward=False)[:2]
 
 
 @torch.library.custom_op("ghostvis::rope_bwd", mutates_args=())
 def rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`rope_fwd`: the transposed rotation."""
-    return _rope_launch(dq, dk, cos, sin, backward=True)
+    return _rope_launch(dq, dk, cos, sin, backward=True)[:2]
 
 
 @rope_fwd.register_fake
 def _(q, k, cos, sin):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    return bthd_empty(q.shape, q.dtype, q.device), bthd_empty(k.shape, k.dtype, k.device)
 
 
 @rope_bwd.register_fake
 def _(dq, dk, cos, sin):
-    return (torch.empty(dq.shape, dtype=dq.dtype, device=dq.device),
-            torch.empty(dk.shape, dtype=dk.dtype, device=dk.device))
+    return bthd_empty(dq.shape, dq.dtype, dq.device), bthd_empty(dk.shape, dk.dtype, dk.device)
 
 
 def _rope_setup(ctx, inputs, output):
@@ -316,6 +404,136 @@ def rope_ok(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
     cb = cos if cos.dim() == 3 else cos[None]
     return (cos.shape == sin.shape and cb.dim() == 3 and cb.shape[1:] == (q.shape[2], q.shape[3])
             and cb.shape[0] in (1, q.shape[0]))
+
+
+# ----------------------------------------------------------------------------- qkv_rope (stacked projection)
+
+
+def _heads(qkv: Tensor, n_heads: int, n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v ``[B, H, T, D]`` views of a stacked projection ``[B, T, (Hq + 2 Hkv) * D]``."""
+    b, t, w = qkv.shape
+    x = _unit_last(qkv).view(b, t, n_heads + 2 * n_kv_heads, w // (n_heads + 2 * n_kv_heads)).transpose(1, 2)
+    return x[:, :n_heads], x[:, n_heads:n_heads + n_kv_heads], x[:, n_heads + n_kv_heads:]
+
+
+@torch.library.custom_op("ghostvis::qkv_rope_fwd", mutates_args=())
+def qkv_rope_fwd(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q and k rotated, v copied, from a stacked projection, each ``[B, H, T, D]`` laid out
+    ``[B, T, H, D]``: one pass over the projection."""
+    q, k, v = _heads(qkv, n_heads, n_kv_heads)
+    return _rope_launch(q, k, cos, sin, backward=False, v=v)
+
+
+@qkv_rope_fwd.register_fake
+def _(qkv, cos, sin, n_heads, n_kv_heads):
+    return tuple(bthd_empty(h.shape, qkv.dtype, qkv.device) for h in _heads(qkv, n_heads, n_kv_heads))
+
+
+@torch.library.custom_op("ghostvis::qkv_rope_bwd", mutates_args=())
+def qkv_rope_bwd(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The gradient of :func:`qkv_rope_fwd`'s input, written as one ``[B, T, (Hq + 2 Hkv) * D]`` tensor."""
+    b, hq, t, d = dq.shape
+    hk = dk.shape[1]
+    dqkv = torch.empty((b, t, (hq + 2 * hk) * d), dtype=dq.dtype, device=dq.device)
+    gq, gk, gv = _heads(dqkv, hq, hk)
+    _rope_launch(dq, dk, cos, sin, backward=True, v=dv, qo=gq, ko=gk, vo=gv)
+    return dqkv
+
+
+@qkv_rope_bwd.register_fake
+def _(dq, dk, dv, cos, sin):
+    b, hq, t, d = dq.shape
+    return dq.new_empty((b, t, (hq + 2 * dk.shape[1]) * d))
+
+
+def _qkv_rope_setup(ctx, inputs, output):
+    qkv, cos, sin, n_heads, n_kv_heads = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.heads = [(h.shape, h.dtype, h.device) for h in _heads(qkv, n_heads, n_kv_heads)]
+
+
+def _qkv_rope_backward(ctx, dq, dk, dv):
+    cos, sin = ctx.saved_tensors
+    grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+             for g, (shape, dtype, device) in zip((dq, dk, dv), ctx.heads)]
+    return qkv_rope_backward(*grads, cos, sin), None, None, None, None
+
+
+qkv_rope_backward = backward_only("qkv_rope_backward", qkv_rope_bwd)
+qkv_rope_function = differentiable("QKVRopeFunction", qkv_rope_fwd, _qkv_rope_setup, _qkv_rope_backward)
+
+
+def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """See :func:`ghostvis.ops.reference.qkv_rope`; the backward writes the stacked gradient in one pass."""
+    return qkv_rope_function(qkv, cos, sin, n_heads, n_kv_heads)
+
+
+def qkv_rope_ok(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int) -> bool:
+    # shapes only: a view made here would be traced too (and breaks compiled remat's recompute)
+    heads = n_heads + 2 * n_kv_heads
+    if qkv.dim() != 3 or n_kv_heads < 1 or n_heads % n_kv_heads or qkv.shape[-1] % heads:
+        return False
+    d = qkv.shape[-1] // heads
+    table = tuple(cos.shape) if cos.dim() == 3 else (1, *cos.shape)
+    return (qkv.dtype in FLOAT_DTYPES and d % 2 == 0 and cos.shape == sin.shape and len(table) == 3
+            and table[1:] == (qkv.shape[1], d) and table[0] in (1, qkv.shape[0]))
+
+
+# ----------------------------------------------------------------------------- swiglu_stacked
+
+
+@torch.library.custom_op("ghostvis::swiglu_stacked_fwd", mutates_args=())
+def swiglu_stacked_fwd(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` of ``gate_up = [gate | up]`` along the last dim."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _swiglu_launch(gate, up)
+
+
+@swiglu_stacked_fwd.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.custom_op("ghostvis::swiglu_stacked_bwd", mutates_args=())
+def swiglu_stacked_bwd(dy: Tensor, gate_up: Tensor) -> Tensor:
+    """The gradient of :func:`swiglu_stacked_fwd`'s input as one ``[..., 2F]`` tensor."""
+    d_gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+    if gate_up.numel() == 0:
+        return d_gate_up
+    f = gate_up.shape[-1] // 2
+    gu, dy2, out = _rows(gate_up), _rows(dy), d_gate_up.view(-1, 2 * f)
+    block, per_row, programs = _swiglu_grid(gu.shape[0], f)
+    K.swiglu_bwd.on(gate_up)[(programs,)](gu, gu[:, f:], dy2, out, out[:, f:], f, gu.stride(0), gu.stride(0),
+                                          dy2.stride(0), out.stride(0), per_row, BLOCK=block,
+                                          num_warps=_num_warps(block))
+    return d_gate_up
+
+
+@swiglu_stacked_bwd.register_fake
+def _(dy, gate_up):
+    return torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+
+
+def _swiglu_stacked_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_stacked_backward(ctx, dy):
+    return swiglu_stacked_backward(dy, ctx.saved_tensors[0])
+
+
+swiglu_stacked_backward = backward_only("swiglu_stacked_backward", swiglu_stacked_bwd)
+swiglu_stacked_function = differentiable("SwiGLUStackedFunction", swiglu_stacked_fwd, _swiglu_stacked_setup,
+                                         _swiglu_stacked_backward)
+
+
+def swiglu_stacked(gate_up: Tensor) -> Tensor:
+    """See :func:`ghostvis.ops.reference.swiglu_stacked`; the backward writes one ``[..., 2F]`` gradient."""
+    return swiglu_stacked_function(gate_up)
+
+
+def swiglu_stacked_ok(gate_up: Tensor) -> bool:
+    return gate_up.dtype in FLOAT_DTYPES and gate_up.dim() >= 1 and gate_up.shape[-1] % 2 == 0
 
 
 # ----------------------------------------------------------------------------- int8_linear

@@ -113,10 +113,13 @@ def rms_norm_fwd(X, R, W, S, Y, RSTD, stride_x, stride_r, stride_s, stride_y, N,
 
 
 @kernel
-def rms_norm_bwd(X, W, DY, RSTD, DX, DW_PARTIAL, stride_x, stride_dy, stride_dx, N, D, rows_per_program,
-                 HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def rms_norm_bwd(X, W, DY, DS, RSTD, DX, DW_PARTIAL, stride_x, stride_dy, stride_ds, stride_dx, N, D,
+                 rows_per_program, HAS_W: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
     # Each program walks a contiguous range of rows and keeps its share of dW in
     # registers; the partial sums are added up by the caller (one small [P, D] sum).
+    # With HAS_DS the gradient DS reaching the norm's input by other paths (the residual
+    # stream of a fused add + norm) is added to DX.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -140,6 +143,8 @@ def rms_norm_bwd(X, W, DY, RSTD, DX, DW_PARTIAL, stride_x, stride_dy, stride_dx,
             wdy = dy
         c = tl.sum(x_hat * wdy, axis=1) / D
         dx = (wdy - x_hat * c[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_W:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, dw, mask=col_ok)
@@ -215,10 +220,11 @@ def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, HQ, HK,
             sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
             sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t, svo_b, svo_h, svo_t, sc_b, sc_t,
             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-            BACKWARD: tl.constexpr, TO_CACHE: tl.constexpr):
+            BACKWARD: tl.constexpr, WITH_V: tl.constexpr, TO_CACHE: tl.constexpr):
     # One program per (batch, position): it rotates every q head and every k head
-    # there, so cos/sin are read once per position. With TO_CACHE, k (rotated) and v
-    # (copied) go to column SLOT[t] of the cache buffers KO / VO instead of to t.
+    # there, so cos/sin are read once per position. WITH_V copies v to VO as well (one
+    # kernel lays out all three of q, k, v); with TO_CACHE, k (rotated) and v go to
+    # column SLOT[t] of the cache buffers KO / VO instead of to t.
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
@@ -234,6 +240,7 @@ def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, HQ, HK,
     out_t = t
     if TO_CACHE:
         out_t = tl.load(SLOT + t).to(tl.int64)
+    if WITH_V:
         _rotate_heads(V + b * sv_b + t * sv_t, VO + b * svo_b + out_t * svo_t, HK, sv_h, svo_h, c1, c2, s1, s2,
                       HALF, BLOCK_D, BLOCK_HK, BACKWARD, False)
     _rotate_heads(K + b * sk_b + t * sk_t, KO + b * sko_b + out_t * sko_t, HK, sk_h, sko_h, c1, c2, s1, s2,

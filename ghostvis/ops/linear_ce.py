@@ -75,14 +75,45 @@ def _scale_for(targets: Tensor, ignore_index: int, reduction: str) -> Tensor:
     return torch.ones(1, dtype=torch.float32, device=targets.device)
 
 
+_FP32_OUT_OK: dict[str, bool] = {}
+
+
+def _fp32_out_ok(a: Tensor) -> bool:
+    """Whether this device multiplies bf16/fp16 matrices into a float32 output (``out_dtype``), tried once."""
+    if not a.is_cuda or a.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    key = f"{a.device}:{a.dtype}"
+    if key not in _FP32_OUT_OK:
+        try:
+            x = torch.ones(2, 2, dtype=a.dtype, device=a.device)
+            acc = torch.ones(2, 2, dtype=torch.float32, device=a.device)
+            torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+            _FP32_OUT_OK[key] = bool((acc == 3).all())
+        except (RuntimeError, TypeError):
+            _FP32_OUT_OK[key] = False
+    return _FP32_OUT_OK[key]
+
+
 class _WeightGrad:
-    """Sum of per-chunk ``dlogits.T @ h`` in float32 (or the weight's dtype when that is wider)."""
+    """Sum of per-chunk ``dlogits.T @ h`` in float32 (or the weight's dtype when that is wider).
+
+    Where the device can (``_fp32_out_ok``), each chunk's matmul adds its float32 result into the
+    sum itself (``addmm`` with ``out_dtype``): no half-precision product, no separate add pass.
+    """
 
     def __init__(self, weight: Tensor):
         self.weight = weight
         self.acc = None
 
-    def add(self, part: Tensor) -> None:
+    def add_mm(self, a: Tensor, b: Tensor) -> None:
+        """Add ``a @ b`` to the sum."""
+        if _fp32_out_ok(a) and self.weight.dtype != torch.float64:
+            if self.acc is None:
+                self.acc = torch.mm(a, b, out_dtype=torch.float32)
+            else:
+                torch.addmm(self.acc, a, b, out_dtype=torch.float32, out=self.acc)
+            return
+        part = a @ b
         if self.acc is None:
             self.acc = part.float() if part.dtype != torch.float32 else part
         else:
@@ -96,7 +127,7 @@ class _WeightGrad:
 
 def _backward_chunk(dlogits: Tensor, h_chunk: Tensor, weight: Tensor, grad_h: Tensor, gw: _WeightGrad) -> None:
     torch.mm(dlogits, weight, out=grad_h)
-    gw.add(dlogits.t() @ h_chunk)
+    gw.add_mm(dlogits.t(), h_chunk)
 
 
 @torch.library.custom_op("ghostvis::linear_ce_fused", mutates_args=())

@@ -63,6 +63,26 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     return (qf * c + _rotate_half(qf) * s).to(q.dtype), (kf * c + _rotate_half(kf) * s).to(k.dtype)
 
 
+def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int,
+             n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k (rotated by :func:`rope`) and v ``[B, H, T, D]`` from a stacked projection.
+
+    ``qkv`` is ``[B, T, (n_heads + 2 * n_kv_heads) * D]``: the q, k and v projections side by
+    side along the last dim, heads ``D`` wide within each, as ``x @ cat([wq, wk, wv]).T`` gives.
+    """
+    heads = n_heads + 2 * n_kv_heads
+    x = qkv.unflatten(-1, (heads, qkv.shape[-1] // heads)).transpose(1, 2)
+    q, k, v = x.split([n_heads, n_kv_heads, n_kv_heads], dim=1)
+    q, k = rope(q, k, cos, sin)
+    return q, k, v
+
+
+def swiglu_stacked(gate_up: Tensor) -> Tensor:
+    """:func:`swiglu` of ``gate_up = [gate | up]`` (the two halves of the last dim)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
 def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
                  eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """``(s, rms_norm(s, weight))`` with ``s = x + residual`` (``s = x`` when ``residual`` is None).

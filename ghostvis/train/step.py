@@ -241,19 +241,22 @@ def selective_block(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) ->
     eps, attn, mlp = cfg.norm_eps, lp["attn"], lp["mlp"]
     norm = lambda h, g: ops.rms_norm(h, g, eps)  # noqa: E731
     if "wqkv" in attn:
-        nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        q, k, v = linears_of(norm, [attn["wqkv"]], x, lp["attn_norm"])[0].split([nq, nk, nk], dim=-1)
+        qkv = linears_of(norm, [attn["wqkv"]], x, lp["attn_norm"])[0]
+        qkv = qkv + attn["bqkv"] if "bqkv" in attn else qkv
+        if cfg.qk_norm:
+            nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+            x = x + decoder.attend(attn, cfg, *qkv.split([nq, nk, nk], dim=-1), cos, sin, **kw)
+        else:
+            x = x + decoder.attend_stacked(attn, cfg, qkv, cos, sin, **kw)
     else:
         q, k, v = linears_of(norm, [attn["wq"], attn["wk"], attn["wv"]], x, lp["attn_norm"])
-    if "bqkv" in attn or "bq" in attn:
-        bq, bk, bv = (attn["bqkv"].split([q.shape[-1], k.shape[-1], v.shape[-1]]) if "bqkv" in attn
-                      else (attn["bq"], attn["bk"], attn["bv"]))
-        q, k, v = q + bq, k + bk, v + bv
-    x = x + decoder.attend(attn, cfg, q, k, v, cos, sin, **kw)
+        if "bq" in attn:
+            q, k, v = q + attn["bq"], k + attn["bk"], v + attn["bv"]
+        x = x + decoder.attend(attn, cfg, q, k, v, cos, sin, **kw)
     if "w_gate_up" in mlp:
-        gate, up = linears_of(norm, [mlp["w_gate_up"]], x, lp["mlp_norm"])[0].chunk(2, dim=-1)
-    else:
-        gate, up = linears_of(norm, [mlp["w_gate"], mlp["w_up"]], x, lp["mlp_norm"])
+        gate_up = linears_of(norm, [mlp["w_gate_up"]], x, lp["mlp_norm"])[0]
+        return x + linears_of(ops.swiglu_stacked, [mlp["w_down"]], gate_up)[0]
+    gate, up = linears_of(norm, [mlp["w_gate"], mlp["w_up"]], x, lp["mlp_norm"])
     return x + linears_of(ops.swiglu, [mlp["w_down"]], gate, up)[0]
 
 
@@ -270,7 +273,7 @@ def _checkpointed(fn: Callable, params: dict, x: Tensor) -> Tensor:
     return _Recompute.apply(run, x, *leaves)
 
 
-def remat(block_fn: Callable = decoder.block, policy: str = "full") -> Callable:
+def remat(block_fn: Callable = decoder.block, policy: str = "full", *, stacked: bool = False) -> Callable:
     """A drop-in ``block_fn`` for ``decode_hidden`` with activation checkpointing.
 
     Policies: ``full`` keeps only each block's input and recomputes the whole block;
@@ -278,21 +281,26 @@ def remat(block_fn: Callable = decoder.block, policy: str = "full") -> Callable:
     activations) and keeps attention's; ``attention`` recomputes only the attention
     sub-block; ``selective`` recomputes no matmul, only the norms and SwiGLU whose outputs
     feed the projections (:func:`selective_block`). ``block_fn`` is used by ``full`` only
-    (the other policies are built from the decoder's pieces).
+    (the other policies are built from the decoder's pieces). ``stacked`` runs each block on
+    its q/k/v and gate/up weights stacked (:func:`decoder.fuse_layer`), inside the recomputed
+    part, so that the checkpoint keeps the separate weights.
     """
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
+    layout = decoder.fuse_layer if stacked else (lambda p: p)
 
     def full(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) -> Tensor:
-        return _checkpointed(lambda p, x: block_fn(p, cfg, x, cos, sin, **kw), lp, x)
+        return _checkpointed(lambda p, x: block_fn(layout(p), cfg, x, cos, sin, **kw), lp, x)
 
     def sub_blocks(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) -> Tensor:
         eps = cfg.norm_eps
 
         def attn(p, x):
+            p = layout(p)
             return decoder.attention_block(p["attn"], cfg, ops.rms_norm(x, p["attn_norm"], eps), cos, sin, **kw)
 
         def mlp(p, x):
+            p = layout(p)
             return decoder.mlp_block(p["mlp"], ops.rms_norm(x, p["mlp_norm"], eps))
 
         attn_p = {"attn": lp["attn"], "attn_norm": lp["attn_norm"]}
@@ -300,29 +308,50 @@ def remat(block_fn: Callable = decoder.block, policy: str = "full") -> Callable:
         x = x + (_checkpointed(attn, attn_p, x) if policy == "attention" else attn(attn_p, x))
         return x + (_checkpointed(mlp, mlp_p, x) if policy == "mlp" else mlp(mlp_p, x))
 
-    return {"full": full, "selective": selective_block}.get(policy, sub_blocks)
+    def selective(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) -> Tensor:
+        return selective_block(layout(lp), cfg, x, cos, sin, **kw)
+
+    return {"full": full, "selective": selective}.get(policy, sub_blocks)
 
 
 # --------------------------------------------------------------------------- grad, compile, accumulate
 
 
+def stack_projections(params: dict) -> dict:
+    """``params`` with the decoder's q/k/v and gate/up weights stacked (:func:`decoder.fuse_projections`).
+
+    Differentiable: inside a loss, each block then runs one q/k/v and one gate/up matmul
+    (forward and backward), and the gradients come back to the separate matrices as row
+    slices of the stacked ones, so the parameters, their optimizer state and Muon's
+    per-matrix orthogonalisation are unchanged. Costs one copy of those weights per step.
+    """
+    if "text" not in params:
+        return params
+    return {**params, "text": decoder.fuse_projections(params["text"])}
+
+
 def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_policy: str = "full", select: bool = True,
-                   autocast: Optional[torch.dtype] = None,
+                   autocast: Optional[torch.dtype] = None, stacked: bool = True,
                    grad_sink: Optional[Callable[[str, Tensor], None]] = None) -> Callable:
     """``fn(trainable, batch, normalizer) -> (grads, loss)``: gradients w.r.t. ``trainable`` only.
 
     ``frozen`` is closed over. ``autocast`` (e.g. ``torch.bfloat16``) runs the
     forward under ``torch.autocast`` while params and grads stay in their dtype.
+    ``stacked`` runs the blocks on stacked q/k/v and gate/up weights
+    (:func:`stack_projections`; same loss and gradients, fewer and larger matmuls).
     ``grad_sink(name, grad)``, if given, is called during the backward with each
     trainable leaf's complete gradient as soon as it exists (:func:`tap_grads`; a leaf
     the loss never reaches may go unreported, and ``fn`` returns zeros for it).
     """
-    block_fn = remat(policy=remat_policy) if remat_blocks else None
+    # with remat the blocks stack their own weights, inside the recomputed part
+    block_fn = remat(policy=remat_policy, stacked=stacked) if remat_blocks else None
 
     def loss_of_trainable(trainable: Flat, batch: dict, normalizer) -> Tensor:
         if grad_sink is not None:
             trainable = tap_grads(trainable, grad_sink)
         params = merge(trainable, frozen)
+        if stacked and not remat_blocks:
+            params = stack_projections(params)
         if autocast is None:
             return loss_fn(params, batch, cfg, normalizer=normalizer, block_fn=block_fn, select=select)
         device_type = batch["tokens"].device.type
@@ -335,7 +364,8 @@ def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_polic
 # Remat recomputes a block inside a custom backward (:class:`_Recompute`). Under torch.compile, dynamo
 # cannot trace the Triton kernels' own autograd Functions there (torch 2.11 fails on the nested
 # Function's context), so with compile + remat these ops run as plain torch, which inductor fuses.
-REMAT_COMPILED_OPS = {"rms_norm": "reference", "swiglu": "reference", "rope": "reference"}
+REMAT_COMPILED_OPS = {"rms_norm": "reference", "swiglu": "reference", "rope": "reference",
+                      "qkv_rope": "reference", "swiglu_stacked": "reference"}
 
 
 def _with_remat_compiled_ops(compiled: Callable) -> Callable:
