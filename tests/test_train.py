@@ -362,6 +362,21 @@ def test_stacked_projections_give_the_separate_loss_and_grads(backend, kw):
         torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("policy", tstep.REMAT_POLICIES)
+def test_remat_with_stacked_weights_inside_gives_the_same_grads(policy):
+    """remat(policy, stacked=True) stacks each block's q/k/v and gate/up inside the recomputed part."""
+    params = gv.tree_map(lambda t: t + 0.05 * torch.randn_like(t), gv.init(CFG, seed=7))
+    b = random_batch(seed=7, images=False)
+
+    def loss(p, block_fn):
+        return loss_fn(p, b, CFG, block_fn=block_fn)
+
+    g0 = torch.func.grad(loss)(params, None)
+    g1 = torch.func.grad(loss)(params, tstep.remat(policy=policy, stacked=True))
+    for k, v in flatten(g0).items():
+        torch.testing.assert_close(flatten(g1)[k], v, atol=1e-6, rtol=1e-4, msg=k)
+
+
 def test_selective_remat_under_bf16_autocast():
     params = gv.init(CFG, seed=6)
     trainable, frozen = tstep.partition(params, "text")

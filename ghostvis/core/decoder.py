@@ -206,9 +206,13 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
     """
     positions = default_positions(x) if positions is None else positions
     cos, sin = rope_tables(cfg, positions)
-    if block_fn is None:
-        return fused_blocks(params, cfg, x, cos, sin, doc_ids=doc_ids, kv_cache=kv_cache, cache_pos=cache_pos,
-                            attn_mask=attn_mask)
+    if block_fn is None and kv_cache is not None:
+        return fused_blocks(params, cfg, x, cos, sin, kv_cache=kv_cache, cache_pos=cache_pos, attn_mask=attn_mask)
+    # Training keeps the separate residual adds: with every add fused into the norm's custom op,
+    # each block's op reaches the previous one along two paths (the residual stream and the
+    # branch), and inductor's printing of the chain of opaque kernels grows as 2**layers
+    # (a 20-layer compile stalled for minutes on a GPU).
+    block_fn = block if block_fn is None else block_fn
     for i, lp in enumerate(params["layers"]):
         kw = {"doc_ids": doc_ids}
         if kv_cache is not None:
@@ -220,7 +224,7 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
 def fused_blocks(params: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, *,
                  doc_ids: Optional[Tensor] = None, kv_cache: Optional[list] = None,
                  cache_pos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
-    """The blocks and final norm of :func:`decode_hidden` (training, prefill and decode).
+    """The blocks and final norm of :func:`decode_hidden`, for prefill and decode (and any uncompiled use).
 
     The same model as a loop of :func:`block`, but each residual add runs with the
     norm after it (``ops.add_rms_norm``): one kernel where there were two, forward and

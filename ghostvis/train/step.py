@@ -338,13 +338,15 @@ def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_polic
     ``frozen`` is closed over. ``autocast`` (e.g. ``torch.bfloat16``) runs the
     forward under ``torch.autocast`` while params and grads stay in their dtype.
     ``stacked`` runs the blocks on stacked q/k/v and gate/up weights
-    (:func:`stack_projections`; same loss and gradients, fewer and larger matmuls).
+    (:func:`stack_projections`; same loss and gradients, fewer and larger matmuls); not
+    with ``remat_blocks``, whose blocks keep the separate weights unless built with
+    ``remat(..., stacked=True)``.
     ``grad_sink(name, grad)``, if given, is called during the backward with each
     trainable leaf's complete gradient as soon as it exists (:func:`tap_grads`; a leaf
     the loss never reaches may go unreported, and ``fn`` returns zeros for it).
     """
-    # with remat the blocks stack their own weights, inside the recomputed part
-    block_fn = remat(policy=remat_policy, stacked=stacked) if remat_blocks else None
+    # remat keeps the separate weights (its recompute under compile is not measured stacked)
+    block_fn = remat(policy=remat_policy) if remat_blocks else None
 
     def loss_of_trainable(trainable: Flat, batch: dict, normalizer) -> Tensor:
         if grad_sink is not None:
