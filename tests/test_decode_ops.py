@@ -119,7 +119,7 @@ def test_decode_backends_are_picked_only_without_gradients(monkeypatch):
     with torch.no_grad():
         assert dispatch.choose("add_rms_norm", x, x, w, 1e-6).name == "triton"
         assert dispatch.choose("attention", q, k, k, causal=False, mask=mask).name == "decode"
-    # add_rms_norm has a backward (training uses it): it stays on Triton with gradients
+    # add_rms_norm has a backward: it stays on Triton with gradients
     assert dispatch.choose("add_rms_norm", x, x, w.requires_grad_(), 1e-6).name == "triton"
     assert dispatch.choose("attention", q.requires_grad_(), k, k, causal=False, mask=mask).name != "decode"
     with torch.no_grad():

@@ -175,6 +175,34 @@ def test_add_rms_norm_grads_match_float64(device, dtype, rows, dim, has_weight, 
         assert rel_err(g, ref_g) < tol
 
 
+def test_fake_impls_give_the_kernels_shapes_and_strides():
+    """torch.compile plans memory from the fake impls: their outputs must match the kernels' layouts,
+    including for transposed inputs (the q/k norm of qk-norm models sees ``[B, H, T, D]`` views)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ghostvis.ops import fused
+
+    x = torch.randn(2, 5, 3, 8).transpose(1, 2)
+    w, dy, r = torch.randn(8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    _, rstd = fused.rms_norm_fwd(x, w, 1e-6)
+    s, _, rstd_s = fused.add_rms_norm_fwd(x, r, w, 1e-6)
+    qkv, gu = torch.randn(2, 5, 4 * 8)[..., :32], torch.randn(2, 5, 12)
+    cos, sin = torch.randn(5, 8), torch.randn(5, 8)
+    q, k, v = fused.qkv_rope_fwd(qkv, cos, sin, 2, 1)
+    cases = [(fused.rms_norm_fwd, (x, w, 1e-6)), (fused.rms_norm_bwd, (dy, x, w, rstd)),
+             (fused.add_rms_norm_fwd, (x, r, w, 1e-6)), (fused.add_rms_norm_bwd, (dy, None, s, w, rstd_s)),
+             (fused.add_rms_norm_bwd, (dy.transpose(1, 2), dy, s, None, rstd_s)),
+             (fused.rope_fwd, (x, x[:, :1], cos, sin)), (fused.rope_bwd, (x, x[:, :1], cos, sin)),
+             (fused.qkv_rope_fwd, (qkv, cos, sin, 2, 1)), (fused.qkv_rope_bwd, (q, k, v, cos, sin)),
+             (fused.swiglu_stacked_fwd, (gu,)), (fused.swiglu_stacked_bwd, (torch.randn(2, 5, 6), gu))]
+    for op, args in cases:
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        for a, f in zip(real if isinstance(real, tuple) else (real,), fake if isinstance(fake, tuple) else (fake,)):
+            assert (a.shape, a.stride(), a.dtype) == (f.shape, f.stride(), f.dtype), op
+
+
 # ----------------------------------------------------------------------------- swiglu
 
 

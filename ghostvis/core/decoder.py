@@ -224,7 +224,7 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
 def fused_blocks(params: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, *,
                  doc_ids: Optional[Tensor] = None, kv_cache: Optional[list] = None,
                  cache_pos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
-    """The blocks and final norm of :func:`decode_hidden`, for prefill and decode (and any uncompiled use).
+    """The blocks and final norm of :func:`decode_hidden` against a KV cache (prefill and decode).
 
     The same model as a loop of :func:`block`, but each residual add runs with the
     norm after it (``ops.add_rms_norm``): one kernel where there were two, forward and

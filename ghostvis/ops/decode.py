@@ -3,7 +3,7 @@
 A batch-1 decode step is bound by how many kernels each block launches, not by
 their bytes, so these fold neighbouring steps together (so does ``add_rms_norm``,
 the residual add and the RMSNorm after it in one kernel, which lives in
-:mod:`ghostvis.ops.fused` because training uses it too):
+:mod:`ghostvis.ops.fused` because it also has a backward):
 
 - ``rope_into_cache``: RoPE on q and k, and the write of k and v into the KV
   cache at their slots, in one kernel (was: RoPE, then one copy each for k and v).

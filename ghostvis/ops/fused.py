@@ -113,7 +113,9 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor) 
 
 @rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd):
-    return torch.empty_like(x), (torch.empty_like(weight) if weight is not None else x.new_empty(0))
+    # contiguous like the kernel's dx (empty_like would keep a transposed input's strides)
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty_like(weight) if weight is not None else x.new_empty(0))
 
 
 def _rms_setup(ctx, inputs, output):
@@ -170,7 +172,8 @@ def add_rms_norm_bwd(dy: Tensor, ds: Optional[Tensor], s: Tensor, weight: Option
 
 @add_rms_norm_bwd.register_fake
 def _(dy, ds, s, weight, rstd):
-    return torch.empty_like(s), (torch.empty_like(weight) if weight is not None else s.new_empty(0))
+    return (torch.empty(s.shape, dtype=s.dtype, device=s.device),
+            torch.empty_like(weight) if weight is not None else s.new_empty(0))
 
 
 def _add_rms_setup(ctx, inputs, output):
@@ -301,8 +304,9 @@ def _unit_last(t: Tensor) -> Tensor:
 def bthd_empty(shape: torch.Size, dtype: torch.dtype, device) -> Tensor:
     """An empty ``[B, H, T, D]`` tensor laid out as ``[B, T, H, D]`` in memory (a transposed view).
 
-    The layout of a projection's output: attention kernels take it as is, and their
-    output, in the same layout, goes back to ``[B, T, H * D]`` without a copy.
+    The layout of a projection's output. Attention takes it as is; where its output keeps
+    the layout (SDPA's cuDNN and flash kernels do), that output goes back to
+    ``[B, T, H * D]`` without a copy.
     """
     b, h, t, d = shape
     return torch.empty((b, t, h, d), dtype=dtype, device=device).transpose(1, 2)

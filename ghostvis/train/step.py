@@ -243,7 +243,7 @@ def selective_block(lp: dict, cfg, x: Tensor, cos: Tensor, sin: Tensor, **kw) ->
     if "wqkv" in attn:
         qkv = linears_of(norm, [attn["wqkv"]], x, lp["attn_norm"])[0]
         qkv = qkv + attn["bqkv"] if "bqkv" in attn else qkv
-        if cfg.qk_norm:
+        if cfg.qk_norm or kw.get("kv_cache") is not None:  # attend_stacked has neither
             nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
             x = x + decoder.attend(attn, cfg, *qkv.split([nq, nk, nk], dim=-1), cos, sin, **kw)
         else:
@@ -338,9 +338,9 @@ def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_polic
     ``frozen`` is closed over. ``autocast`` (e.g. ``torch.bfloat16``) runs the
     forward under ``torch.autocast`` while params and grads stay in their dtype.
     ``stacked`` runs the blocks on stacked q/k/v and gate/up weights
-    (:func:`stack_projections`; same loss and gradients, fewer and larger matmuls); not
-    with ``remat_blocks``, whose blocks keep the separate weights unless built with
-    ``remat(..., stacked=True)``.
+    (:func:`stack_projections`; same loss and gradients, fewer and larger matmuls). It is
+    ignored with ``remat_blocks``: those blocks keep the separate weights (a ``block_fn``
+    built with ``remat(..., stacked=True)`` and passed to :func:`loss_fn` stacks them).
     ``grad_sink(name, grad)``, if given, is called during the backward with each
     trainable leaf's complete gradient as soon as it exists (:func:`tap_grads`; a leaf
     the loss never reaches may go unreported, and ``fn`` returns zeros for it).
