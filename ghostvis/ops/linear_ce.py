@@ -15,9 +15,13 @@ log-sum-exp and the backward recomputes each chunk of logits.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .library import backward_only, differentiable
+
+log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
@@ -91,8 +95,10 @@ def _fp32_out_ok(a: Tensor) -> bool:
             acc = torch.mm(x, x, out_dtype=torch.float32)
             torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
             _FP32_OUT_OK[key] = acc.dtype == torch.float32
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError) as e:
             _FP32_OUT_OK[key] = False
+            log.info("linear_cross_entropy on %s: no float32-output matmul (%s); the weight gradient "
+                     "takes a half-precision product and a float32 add per chunk", key, type(e).__name__)
     return _FP32_OUT_OK[key]
 
 
