@@ -73,6 +73,9 @@ def copy_bandwidth_gbs(device) -> float:
 
 
 def compiled(fn: Callable) -> Callable:
+    from ghostvis.ops.library import lower_as_fallbacks
+
+    lower_as_fallbacks()
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 

@@ -30,8 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ghostvis as gv
+from ghostvis.core.decoder import block as decoder_block
 from ghostvis.core.decoder import fuse_projections
 from ghostvis.train.optim import AdamW
+from ghostvis.train.step import compile as compile_transform
 from ghostvis.train.step import value_and_grad
 
 PEAK_FLOPS = 989e12
@@ -63,19 +65,23 @@ class BenchTrain:
 
 
 def time_steps(step: Callable[[], torch.Tensor], steps: int, warmup: int) -> tuple[float, float]:
-    """Seconds per step (median of CUDA-event timed steps) and the last loss."""
+    """Seconds per step (median over the timed steps) and the last loss.
+
+    The steps are queued back to back as a training loop runs them: one CUDA event
+    between consecutive steps and a single synchronisation at the end, so the host
+    launching step ``i + 1`` overlaps the GPU running step ``i`` and no step pays for an
+    idle GPU at its start. (Synchronising after every step would count that host time.)
+    """
     for _ in range(warmup):
         loss = step()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i in range(steps):
         loss = step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:]))
     return times[len(times) // 2], float(loss)
 
 
@@ -134,9 +140,11 @@ def random_batch(cfg: gv.ModelConfig, b: int, t: int, device="cuda") -> dict:
 INDUCTOR_OPS = {"rms_norm": "reference", "swiglu": "reference", "rope": "reference", "qkv_rope": "reference",
                 "swiglu_stacked": "reference"}
 
-# name -> (compiled, which ops, weight layout): "stacked" stacks q/k/v and gate/up inside the loss
-# (the default, ``value_and_grad(stacked=True)``), "separate" runs one matmul per matrix, "stored"
-# keeps the parameters themselves stacked (``decoder.fuse_projections``)
+# name -> (compiled, which ops, weight layout[, torch.compile mode]): "stacked" stacks q/k/v and
+# gate/up inside the loss (the default, ``value_and_grad(stacked=True)``), "separate" runs one matmul
+# per matrix, "stored" keeps the parameters themselves stacked (``decoder.fuse_projections``),
+# "stacked-block-loop" runs ``decoder.block`` per layer (separate residual adds, not fused into the norms);
+# "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS per shape
 ROWS = {
     "ghostvis": (True, "default", "stacked"),
     "ghostvis-separate": (True, "default", "separate"),
@@ -145,6 +153,8 @@ ROWS = {
     "ghostvis-inductor": (True, "inductor", "stacked"),
     "ghostvis-inductor-separate": (True, "inductor", "separate"),
     "ghostvis-reference": (False, "reference", "separate"),
+    "ghostvis-block-loop": (True, "default", "stacked-block-loop"),
+    "ghostvis-autotune": (True, "default", "stacked", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -161,23 +171,25 @@ def ops_context(which: str):
 
 
 def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, which: str, layout: str = "stacked",
-                  dtype: torch.dtype = torch.bfloat16) -> Callable:
+                  mode: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Callable:
     """A closure running one full training step (grad + AdamW update) on ``batch``; returns the loss.
 
-    ``layout``: ``stacked`` (q/k/v and gate/up stacked inside the loss), ``separate`` or
-    ``stored`` (the parameters themselves stacked).
+    ``layout``: ``stacked`` (q/k/v and gate/up stacked inside the loss), ``separate``,
+    ``stored`` (the parameters themselves stacked) or ``stacked-block-loop`` (stacked, with the
+    residual adds left out of the norms). ``mode``: the ``torch.compile`` mode.
     """
-    if layout not in ("stacked", "separate", "stored"):
-        raise ValueError(f"layout must be stacked, separate or stored, got {layout!r}")
+    if layout not in ("stacked", "separate", "stored", "stacked-block-loop"):
+        raise ValueError(f"layout must be stacked, separate, stored or stacked-block-loop, got {layout!r}")
     params = gv.init(cfg, seed=0, device=batch["tokens"].device, dtype=dtype)
     if layout == "stored":
         params = {**params, "text": fuse_projections(params["text"])}
     params = gv.flatten(params)
     opt = AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
     state = opt.init(params)
-    grad_fn = value_and_grad(cfg, {}, select=False, stacked=layout == "stacked")
+    grad_fn = value_and_grad(cfg, {}, select=False, stacked=layout.startswith("stacked"),
+                             block_fn=decoder_block if layout == "stacked-block-loop" else None)
     if compiled:
-        grad_fn = torch.compile(grad_fn)
+        grad_fn = compile_transform(grad_fn, mode=mode)
     normalizer = (batch["targets"] != -100).sum().float()
 
     def step():
@@ -342,8 +354,9 @@ def main(args: BenchTrain) -> list[dict]:
     batch = random_batch(cfg, args.batch, args.seq)
     fpt = gv.flops_per_token(cfg, args.seq)
     tokens = args.batch * args.seq
-    builders = {name: (lambda c=c, w=w, f=f: ghostvis_step(cfg, batch, compiled=c, which=w, layout=f))
-                for name, (c, w, f) in ROWS.items()}
+    builders = {name: (lambda spec=spec: ghostvis_step(cfg, batch, compiled=spec[0], which=spec[1], layout=spec[2],
+                                                       mode=spec[3] if len(spec) > 3 else None))
+                for name, spec in ROWS.items()}
     builders |= {"plain": lambda: plain_step(cfg, batch), "hf": lambda: hf_step(cfg, batch)}
     results = run_rows(builders, args.rows, args.steps, args.warmup, args.profile,
                        lambda sec: {"tokens_per_s": tokens / sec, "mfu": fpt * tokens / sec / PEAK_FLOPS})

@@ -203,6 +203,26 @@ def test_fake_impls_give_the_kernels_shapes_and_strides():
             assert (a.shape, a.stride(), a.dtype) == (f.shape, f.stride(), f.dtype), op
 
 
+def test_lower_as_fallbacks_registers_every_kernel_with_inductor():
+    """The compile transforms register the custom ops with inductor up front (deep training graphs
+    stalled inductor's own first-use registration on torch 2.11), with the layout constraint
+    inductor's first-use registration would have chosen."""
+    from torch._inductor import lowering as L
+
+    from ghostvis.ops.library import lower_as_fallbacks
+
+    lower_as_fallbacks()
+    ops_ = [getattr(getattr(torch.ops.ghostvis, n), o) for n in dir(torch.ops.ghostvis)
+            if isinstance(getattr(torch.ops.ghostvis, n), torch._ops.OpOverloadPacket)
+            for o in getattr(torch.ops.ghostvis, n).overloads()]
+    names = {op.name() for op in ops_}
+    assert {"ghostvis::add_rms_norm", "ghostvis::add_rms_norm_bwd", "ghostvis::rms_norm_bwd",
+            "ghostvis::qkv_rope_bwd", "ghostvis::swiglu_stacked_bwd"} <= names
+    missing = [op.name() for op in ops_ if op not in L.lowerings]
+    assert not missing, missing
+    lower_as_fallbacks()  # a second call changes nothing
+
+
 # ----------------------------------------------------------------------------- swiglu
 
 

@@ -379,6 +379,32 @@ def test_stacked_projections_give_the_separate_loss_and_grads(backend, kw, monke
         torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_default_step_fuses_residual_adds_and_matches_the_block_loop(backend, monkeypatch):
+    """value_and_grad runs decoder.fused_blocks (each residual add inside the next norm, forward and
+    backward): same loss and gradients as the loop of decoder.block (Triton through the interpreter)."""
+    if backend == "triton" and not gv.ops.HAS_TRITON:
+        pytest.skip("needs triton")
+    from ghostvis.core import decoder
+
+    params = gv.tree_map(lambda t: t + 0.05 * torch.randn_like(t), gv.init(CFG, seed=8))
+    trainable, frozen = tstep.partition(params, "all")
+    b = random_batch(seed=8, images=False)
+    n = (b["targets"] != -100).sum().float()
+    names = ("rms_norm", "add_rms_norm", "swiglu_stacked", "qkv_rope")
+    with gv.ops.use(**dict.fromkeys(names, backend)):
+        seen = _ops_called(monkeypatch)
+        g0, l0 = tstep.value_and_grad(CFG, frozen, block_fn=decoder.block)(trainable, b, n)
+        assert "add_rms_norm" not in seen
+        g1, l1 = tstep.value_and_grad(CFG, frozen)(trainable, b, n)
+    assert "add_rms_norm" in seen
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-4, msg=k)
+    with pytest.raises(ValueError, match="remat_blocks or block_fn"):
+        tstep.value_and_grad(CFG, frozen, remat_blocks=True, block_fn=decoder.block)
+
+
 @pytest.mark.parametrize("policy", tstep.REMAT_POLICIES)
 def test_remat_with_stacked_weights_inside_gives_the_same_grads(policy, monkeypatch):
     """remat(policy, stacked=True) stacks each block's q/k/v and gate/up inside the recomputed part."""

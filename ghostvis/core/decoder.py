@@ -206,13 +206,9 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
     """
     positions = default_positions(x) if positions is None else positions
     cos, sin = rope_tables(cfg, positions)
-    if block_fn is None and kv_cache is not None:
-        return cached_blocks(params, cfg, x, cos, sin, kv_cache, cache_pos, attn_mask)
-    # Training keeps the separate residual adds. With every add fused into the norm's custom op,
-    # each block's op reaches the previous one along two paths (the residual stream and the
-    # branch), and compiling 20 layers stalled inductor's lowering for minutes on a GPU, in its
-    # printing of that chain of opaque kernels (BENCHMARKS.md).
-    block_fn = block if block_fn is None else block_fn
+    if block_fn is None:
+        return fused_blocks(params, cfg, x, cos, sin, doc_ids=doc_ids, kv_cache=kv_cache, cache_pos=cache_pos,
+                            attn_mask=attn_mask)
     for i, lp in enumerate(params["layers"]):
         kw = {"doc_ids": doc_ids}
         if kv_cache is not None:
@@ -221,17 +217,22 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
     return ops.rms_norm(x, params["norm"], cfg.norm_eps)
 
 
-def cached_blocks(params: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: list,
-                  cache_pos: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
-    """The blocks and final norm of :func:`decode_hidden` against a KV cache (prefill and decode).
+def fused_blocks(params: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Tensor, *,
+                 doc_ids: Optional[Tensor] = None, kv_cache: Optional[list] = None,
+                 cache_pos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
+    """The blocks and final norm of :func:`decode_hidden`, each residual add run with the norm after it.
 
-    The same model as a loop of :func:`block`, but each residual add runs with the
-    norm after it (``ops.add_rms_norm``): one kernel where a decode step ran two.
+    The same model as a loop of :func:`block`, but the loop carries each branch's output
+    to the next norm, and ``ops.add_rms_norm`` adds it to the residual stream and
+    normalises in one kernel. Its backward adds the residual stream's gradient inside the
+    norm's backward kernel. Training, prefill and decoding (with ``kv_cache``) all run it.
     """
     eps, branch = cfg.norm_eps, None
-    for lp, cache in zip(params["layers"], kv_cache):
+    for i, lp in enumerate(params["layers"]):
+        kw = {"doc_ids": doc_ids} if kv_cache is None else {
+            "kv_cache": kv_cache[i], "cache_pos": cache_pos, "attn_mask": attn_mask}
         x, h = ops.add_rms_norm(x, branch, lp["attn_norm"], eps)
-        a = attention_block(lp["attn"], cfg, h, cos, sin, kv_cache=cache, cache_pos=cache_pos, attn_mask=attn_mask)
+        a = attention_block(lp["attn"], cfg, h, cos, sin, **kw)
         x, h = ops.add_rms_norm(x, a, lp["mlp_norm"], eps)
         branch = mlp_block(lp["mlp"], h)
     return ops.add_rms_norm(x, branch, params["norm"], eps)[1]

@@ -37,6 +37,7 @@ from .. import ops
 from ..core import decoder as _decoder
 from ..core.config import ModelConfig
 from ..core.tree import flatten
+from ..ops.library import lower_as_fallbacks
 from ..core.model import ImageTokenMismatch, embed, encode_images, forward
 from .kv_cache import attention_mask, init_kv_cache, key_valid, left_pad, positions_at
 from .sampling import check_sampling, sample
@@ -147,6 +148,7 @@ def compiled_prefill_text() -> Callable:
 
 def _compiled(name: str, fn: Callable) -> Callable:
     if name not in _COMPILED:
+        lower_as_fallbacks()
         compiled = torch.compile(fn, fullgraph=True, dynamic=False)
 
         def run(*args):

@@ -10,7 +10,12 @@ a custom op does not reach ``torch.func`` transforms, so the two are joined by a
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("ghostvis.ops")
+_LOWERED: set = set()
 
 
 def _overload(op):
@@ -73,3 +78,33 @@ def backward_only(name: str, op):
         return op(*args) if torch.compiler.is_compiling() else function.apply(*args)
 
     return call
+
+
+def lower_as_fallbacks(namespace: str = "ghostvis") -> None:
+    """Tell inductor, before it compiles, that every custom op of ``namespace`` runs as its own kernel.
+
+    Inductor would otherwise register each op the first time its lowering meets it. In
+    torch 2.11 that step formats the op's inputs into a log message even with logging off,
+    and an IR node prints its inputs recursively. In a training graph where every block's op
+    reaches the previous block's along two paths (the residual stream and the branch, as
+    with ``add_rms_norm``), that text doubles with each layer: a 20-layer step stalled
+    lowering for minutes. Registered here first, with the layout constraint inductor would
+    have picked, the ops never take that path. Idempotent; a no-op where inductor's
+    internals differ (it logs why).
+    """
+    try:
+        from torch._inductor import lowering as L
+
+        for name in dir(getattr(torch.ops, namespace)):
+            packet = getattr(getattr(torch.ops, namespace), name)
+            if not isinstance(packet, torch._ops.OpOverloadPacket):
+                continue
+            for overload in packet.overloads():
+                op = getattr(packet, overload)
+                if op in _LOWERED or op in L.lowerings:
+                    continue
+                tag = L.get_layout_constraint_tag(op, with_default=True)
+                L.make_fallback(op, layout_constraint=L.tag_to_layout_constraint(tag), warn=False)
+                _LOWERED.add(op)
+    except Exception as e:  # private API: compiling still works, only the deep-graph stall may return
+        log.info("could not register the %s ops with inductor ahead of compiling: %s", namespace, e)

@@ -332,7 +332,8 @@ def stack_projections(params: dict) -> dict:
 
 def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_policy: str = "full", select: bool = True,
                    autocast: Optional[torch.dtype] = None, stacked: bool = True,
-                   grad_sink: Optional[Callable[[str, Tensor], None]] = None) -> Callable:
+                   grad_sink: Optional[Callable[[str, Tensor], None]] = None,
+                   block_fn: Optional[Callable] = None) -> Callable:
     """``fn(trainable, batch, normalizer) -> (grads, loss)``: gradients w.r.t. ``trainable`` only.
 
     ``frozen`` is closed over. ``autocast`` (e.g. ``torch.bfloat16``) runs the
@@ -344,9 +345,15 @@ def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_polic
     ``grad_sink(name, grad)``, if given, is called during the backward with each
     trainable leaf's complete gradient as soon as it exists (:func:`tap_grads`; a leaf
     the loss never reaches may go unreported, and ``fn`` returns zeros for it).
+    ``block_fn`` runs each block instead of the default loop (``decoder.fused_blocks``,
+    which fuses every residual add into the norm after it); ``decoder.block`` gives the
+    textbook loop of separate adds. It cannot be combined with ``remat_blocks``.
     """
+    if remat_blocks and block_fn is not None:
+        raise ValueError("value_and_grad: pass remat_blocks or block_fn, not both (remat(...) is a block_fn)")
     # remat keeps the separate weights (its recompute under compile is not measured stacked)
-    block_fn = remat(policy=remat_policy) if remat_blocks else None
+    if remat_blocks:
+        block_fn = remat(policy=remat_policy)
 
     def loss_of_trainable(trainable: Flat, batch: dict, normalizer) -> Tensor:
         if grad_sink is not None:
@@ -389,7 +396,15 @@ def compile_value_and_grad(grad_fn: Callable, *, remat_blocks: bool = False, **c
 
 
 def compile(fn: Callable, **compile_kwargs) -> Callable:
-    """``torch.compile(fn)``: the compile transform (kwargs go to ``torch.compile``, e.g. ``backend=``)."""
+    """``torch.compile(fn)``: the compile transform (kwargs go to ``torch.compile``, e.g. ``backend=``).
+
+    It first registers GhostVis's kernels with inductor (``ops.library.lower_as_fallbacks``),
+    which deep training graphs need on torch 2.11 to compile in seconds rather than minutes;
+    call that yourself if you use ``torch.compile`` directly.
+    """
+    from ..ops.library import lower_as_fallbacks
+
+    lower_as_fallbacks()
     return torch.compile(fn, **compile_kwargs)
 
 
