@@ -145,7 +145,7 @@ def test_rms_norm_large_hidden_and_3d(device, dtype):
 
 @pytest.mark.parametrize("device,dtype", CASES)
 @budget
-@given(rows=st.integers(1, 9), dim=st.sampled_from([7, 32, 257]), has_weight=st.booleans(), use_s=st.booleans(),
+@given(rows=st.integers(1, 9), dim=st.sampled_from([7, 32, 257, 1000]), has_weight=st.booleans(), use_s=st.booleans(),
        strided=st.booleans(), seed=st.integers(0, 2**16))
 def test_add_rms_norm_grads_match_float64(device, dtype, rows, dim, has_weight, use_s, strided, seed):
     """The training form of add + RMSNorm: gradients of x, residual and weight (through s and y, or

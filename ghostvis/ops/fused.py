@@ -45,10 +45,28 @@ def _rms_blocks(d: int) -> tuple[int, int]:
     return block_r, block_d
 
 
-def rms_norm_launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                    eps: float) -> tuple[Optional[Tensor], Tensor, Tensor]:
+def _rms_bwd_shape(d: int) -> tuple[int, int, int]:
+    """``(rows per iteration, block width, warps)`` of the RMSNorm backward for rows of ``d``.
+
+    Widths of 513 to 2048 take two rows per iteration and a warp per 1024 elements: on an
+    H100 that moved the d20 (1280) and d12 (768) backward from 2.05 to 2.45 and 2.37 TB/s
+    (``scripts/norm_probe.py``, CUDA-graph replays). Other widths keep the forward's shape.
+    """
+    block_r, block_d = _rms_blocks(d)
+    if 1024 <= block_d <= 2048:
+        return 2, block_d, 2 * block_d // 1024
+    return block_r, block_d, _num_warps(block_r * block_d)
+
+
+def rms_norm_launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], eps: float, *,
+                    block_r: Optional[int] = None, num_warps: Optional[int] = None
+                    ) -> tuple[Optional[Tensor], Tensor, Tensor]:
     """``(s, y, rstd)``: ``s = x + residual`` (None without a residual), ``y`` its RMSNorm times
-    ``weight``, ``rstd`` the per-row ``1/rms`` (float32); outputs contiguous."""
+    ``weight``, ``rstd`` the per-row ``1/rms`` (float32); outputs contiguous.
+
+    ``block_r`` (rows per program) and ``num_warps`` override the launch shape, for
+    ``scripts/norm_probe.py``.
+    """
     d = x.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
@@ -58,12 +76,12 @@ def rms_norm_launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     n = x2.shape[0]
-    block_r, block_d = _rms_blocks(d)
+    block_r, block_d = (block_r or _rms_blocks(d)[0]), _rms_blocks(d)[1]
     K.rms_norm_fwd.on(x)[(triton.cdiv(n, block_r),)](
         x2, r2, weight if weight is not None else x2, s.view(n, d) if s is not None else x2, y.view(n, d), rstd,
         x2.stride(0), r2.stride(0), d, d, n, d, eps,
         HAS_R=residual is not None, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=_num_warps(block_r * block_d))
+        num_warps=num_warps or _num_warps(block_r * block_d))
     return s, y, rstd
 
 
@@ -80,9 +98,14 @@ def _(x, weight, eps):
 
 
 def rms_norm_bwd_launch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
-                        ds: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                        ds: Optional[Tensor] = None, *, block_r: Optional[int] = None,
+                        num_warps: Optional[int] = None, per_sm: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """``(dx, dweight)`` of RMSNorm (plus ``ds``, the input's gradient from other paths, when given);
-    ``dweight`` is empty when there is no weight."""
+    ``dweight`` is empty when there is no weight.
+
+    ``block_r`` (rows per iteration), ``num_warps`` and ``per_sm`` (programs per SM) override
+    the launch shape, for ``scripts/norm_probe.py``.
+    """
     d = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
@@ -91,8 +114,10 @@ def rms_norm_bwd_launch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: T
     x2, dy2 = _rows(x), _rows(dy)
     ds2 = _rows(ds) if ds is not None else dy2
     n = x2.shape[0]
-    block_r, block_d = _rms_blocks(d)
-    programs = min(K.programs_for(x), triton.cdiv(n, block_r))
+    default_r, block_d, default_warps = _rms_bwd_shape(d)
+    block_r, num_warps = block_r or default_r, num_warps or default_warps
+    programs = K.programs_for(x) if per_sm is None or not x.is_cuda else K.programs_for(x) // 8 * per_sm
+    programs = min(programs, triton.cdiv(n, block_r))
     rows_per_program = triton.cdiv(triton.cdiv(n, programs), block_r) * block_r
     programs = triton.cdiv(n, rows_per_program)
     partial = torch.empty((programs, d) if weight is not None else (0,), dtype=torch.float32, device=x.device)
@@ -100,7 +125,7 @@ def rms_norm_bwd_launch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: T
         x2, weight if weight is not None else x2, dy2, ds2, rstd.reshape(-1), dx.view(n, d), partial,
         x2.stride(0), dy2.stride(0), ds2.stride(0), d, n, d, rows_per_program,
         HAS_W=weight is not None, HAS_DS=ds is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=_num_warps(block_r * block_d))
+        num_warps=num_warps)
     dw = partial.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
     return dx, dw
 
