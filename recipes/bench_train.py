@@ -137,8 +137,8 @@ def random_batch(cfg: gv.ModelConfig, b: int, t: int, device="cuda") -> dict:
 # ----------------------------------------------------------------------------- GhostVis
 
 # elementwise ops handed to inductor as plain torch (it fuses them with their neighbours)
-INDUCTOR_OPS = {"rms_norm": "reference", "swiglu": "reference", "rope": "reference", "qkv_rope": "reference",
-                "swiglu_stacked": "reference"}
+INDUCTOR_OPS = {"rms_norm": "reference", "add_rms_norm": "reference", "swiglu": "reference", "rope": "reference",
+                "qkv_rope": "reference", "swiglu_stacked": "reference"}
 
 # name -> (compiled, which ops, weight layout[, torch.compile mode]): "stacked" stacks q/k/v and
 # gate/up inside the loss (the default, ``value_and_grad(stacked=True)``), "separate" runs one matmul
@@ -165,8 +165,8 @@ def ops_context(which: str):
     if which == "inductor":
         return gv.ops.use(**INDUCTOR_OPS)
     if which == "triton":
-        return gv.ops.use(rms_norm="triton", swiglu="triton", rope="triton", qkv_rope="triton",
-                          swiglu_stacked="triton")
+        return gv.ops.use(rms_norm="triton", add_rms_norm="triton", swiglu="triton", rope="triton",
+                          qkv_rope="triton", swiglu_stacked="triton")
     return gv.ops.use()
 
 

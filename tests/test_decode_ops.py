@@ -163,7 +163,8 @@ def test_generation_on_the_decode_kernels_equals_the_uncached_reference(monkeypa
         g = torch.Generator().manual_seed(5)
         params = gv.tree_map(lambda t: t + 0.05 * torch.randn(t.shape, generator=g), params)
     prompts = [[11, 12, 13, 14, 15], [20, 21]]
-    with dispatch.use(rms_norm="reference", swiglu="reference", rope="reference", linear_cross_entropy="reference"):
+    with dispatch.use(rms_norm="reference", add_rms_norm="reference", swiglu="reference", rope="reference",
+                      linear_cross_entropy="reference"):
         ref = [generate_uncached(params, cfg, p, max_new_tokens=5) for p in prompts]
     seen = set()
     real_call = dispatch.call

@@ -175,6 +175,49 @@ def test_add_rms_norm_grads_match_float64(device, dtype, rows, dim, has_weight, 
         assert rel_err(g, ref_g) < tol
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+@pytest.mark.parametrize("dim", [768, 1000, 1280, 2048])
+def test_rms_norm_backward_launch_over_many_rows(device, dim):
+    """Widths 513-2048 run the backward two rows per iteration. Odd row counts (a masked row in the
+    last pair), several iterations per program and, on a GPU, one program per SM (long loops
+    adding up the weight gradient) must all give float64's gradients, the residual's included."""
+    skip_without(device)
+    from ghostvis.ops import fused
+
+    assert fused._rms_bwd_shape(dim)[0] == 2
+    for rows in [1, 3, 37] + ([4097] if device == "cuda" else []):
+        for per_sm in [None, 1] if device == "cuda" else [None]:
+            x, dy, ds = (make((rows, dim), device, torch.float32, seed=rows + i) for i in range(3))
+            w = make((dim,), device, torch.float32, seed=rows + 3)
+            _, _, rstd = fused.rms_norm_launch(x, None, w, 1e-6)
+            dx, dw = fused.rms_norm_bwd_launch(dy, x, w, rstd, ds, per_sm=per_sm)
+            _, (dx64, dw64) = grads64(rms_norm64, [x, w], dy)
+            assert rel_err(dx, dx64 + ds.double().cpu()) < 1e-4, (rows, per_sm)
+            assert rel_err(dw, dw64) < 1e-4, (rows, per_sm)
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float16), pytest.param("cuda", torch.bfloat16, marks=GPU)])
+def test_add_rms_norm_takes_a_narrower_residual(device, dtype):
+    """Under autocast the residual stream is float32 and each branch output half precision: the fused
+    op takes them as ``x + residual`` would (sum in float32), and the residual's gradient comes back
+    in its own dtype."""
+    skip_without(device)
+    from ghostvis.ops import fused
+
+    x, r = make((5, 96), device, torch.float32, seed=1), make((5, 96), device, dtype, seed=2)
+    w = make((96,), device, torch.float32, seed=3)
+    dy, ds = make((5, 96), device, torch.float32, seed=4), make((5, 96), device, torch.float32, seed=5)
+    assert fused.add_rms_norm_ok(x, r, w, 1e-6)
+    out, grads = fast_grads(lambda *a: ops.add_rms_norm(*a, 1e-6, backend="triton")[::-1], [x, r, w], (dy, ds))
+    out64, g64 = grads64(lambda a, b, c: (rms_norm64(a + b, c), a + b), [x, r, w], (dy, ds))
+    assert out[1].dtype == out[0].dtype == torch.float32 and grads[1].dtype == dtype
+    assert rel_err(out[0], out64[0]) < 1e-4 and rel_err(out[1], out64[1]) < 1e-5
+    for g, ref_g, tol in zip(grads, g64, (1e-4, GRAD_TOL[dtype], 1e-4)):
+        assert rel_err(g, ref_g) < tol
+    # a residual wider than x would change the sum's dtype: that one is left to the reference
+    assert not fused.add_rms_norm_ok(r, x, None, 1e-6)
+
+
 def test_fake_impls_give_the_kernels_shapes_and_strides():
     """torch.compile plans memory from the fake impls: their outputs must match the kernels' layouts,
     including for transposed inputs (the q/k norm of qk-norm models sees ``[B, H, T, D]`` views)."""
@@ -220,6 +263,9 @@ def test_lower_as_fallbacks_registers_every_kernel_with_inductor():
             "ghostvis::qkv_rope_bwd", "ghostvis::swiglu_stacked_bwd"} <= names
     missing = [op.name() for op in ops_ if op not in L.lowerings]
     assert not missing, missing
+    for op in ops_:  # the layout constraint inductor's own first-use registration would pick
+        want = L.tag_to_layout_constraint(L.get_layout_constraint_tag(op, with_default=True))
+        assert L.maybe_layout_constraints(op) is want, op.name()
     lower_as_fallbacks()  # a second call changes nothing
 
 

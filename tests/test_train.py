@@ -380,29 +380,34 @@ def test_stacked_projections_give_the_separate_loss_and_grads(backend, kw, monke
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_default_step_fuses_residual_adds_and_matches_the_block_loop(backend, monkeypatch):
+@pytest.mark.parametrize("kw,images", [({}, False), ({}, True), ({"qkv_bias": True, "qk_norm": True}, False)])
+def test_default_step_fuses_residual_adds_and_matches_the_block_loop(backend, kw, images, monkeypatch):
     """value_and_grad runs decoder.fused_blocks (each residual add inside the next norm, forward and
-    backward): same loss and gradients as the loop of decoder.block (Triton through the interpreter)."""
+    backward): same loss and gradients as the loop of decoder.block (Triton through the interpreter),
+    for a VLM batch with images and a Qwen-style block too."""
     if backend == "triton" and not gv.ops.HAS_TRITON:
         pytest.skip("needs triton")
+    import dataclasses
+
     from ghostvis.core import decoder
 
-    params = gv.tree_map(lambda t: t + 0.05 * torch.randn_like(t), gv.init(CFG, seed=8))
+    cfg = CFG.replace(text=dataclasses.replace(CFG.text, **kw))
+    params = gv.tree_map(lambda t: t + 0.05 * torch.randn_like(t), gv.init(cfg, seed=8))
     trainable, frozen = tstep.partition(params, "all")
-    b = random_batch(seed=8, images=False)
+    b = random_batch(cfg, seed=8, images=images)
     n = (b["targets"] != -100).sum().float()
     names = ("rms_norm", "add_rms_norm", "swiglu_stacked", "qkv_rope")
     with gv.ops.use(**dict.fromkeys(names, backend)):
         seen = _ops_called(monkeypatch)
-        g0, l0 = tstep.value_and_grad(CFG, frozen, block_fn=decoder.block)(trainable, b, n)
+        g0, l0 = tstep.value_and_grad(cfg, frozen, block_fn=decoder.block)(trainable, b, n)
         assert "add_rms_norm" not in seen
-        g1, l1 = tstep.value_and_grad(CFG, frozen)(trainable, b, n)
+        g1, l1 = tstep.value_and_grad(cfg, frozen)(trainable, b, n)
     assert "add_rms_norm" in seen
     torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-4, msg=k)
     with pytest.raises(ValueError, match="remat_blocks or block_fn"):
-        tstep.value_and_grad(CFG, frozen, remat_blocks=True, block_fn=decoder.block)
+        tstep.value_and_grad(cfg, frozen, remat_blocks=True, block_fn=decoder.block)
 
 
 @pytest.mark.parametrize("policy", tstep.REMAT_POLICIES)

@@ -202,7 +202,9 @@ def decode_hidden(params: dict, cfg: TextConfig, x: Tensor, positions: Optional[
                   block_fn=None) -> Tensor:
     """Run all blocks on input embeddings ``x`` ``[B, T, dim]``; returns the final-normed hidden states.
 
-    ``block_fn`` replaces :func:`block` (e.g. a rematerialised version of it).
+    By default the blocks run as :func:`fused_blocks` (residual adds inside the norms).
+    ``block_fn`` runs each block instead, in a loop of separate adds: :func:`block` itself,
+    or a rematerialised version of it.
     """
     positions = default_positions(x) if positions is None else positions
     cos, sin = rope_tables(cfg, positions)

@@ -37,8 +37,8 @@ from .. import ops
 from ..core import decoder as _decoder
 from ..core.config import ModelConfig
 from ..core.tree import flatten
-from ..ops.library import lower_as_fallbacks
 from ..core.model import ImageTokenMismatch, embed, encode_images, forward
+from ..ops.library import lower_as_fallbacks
 from .kv_cache import attention_mask, init_kv_cache, key_valid, left_pad, positions_at
 from .sampling import check_sampling, sample
 

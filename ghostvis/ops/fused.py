@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import triton
 
+from . import dispatch
 from . import kernels as K
 from .library import backward_only, differentiable
 
@@ -116,8 +117,7 @@ def rms_norm_bwd_launch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: T
     n = x2.shape[0]
     default_r, block_d, default_warps = _rms_bwd_shape(d)
     block_r, num_warps = block_r or default_r, num_warps or default_warps
-    programs = K.programs_for(x) if per_sm is None or not x.is_cuda else K.programs_for(x) // 8 * per_sm
-    programs = min(programs, triton.cdiv(n, block_r))
+    programs = min(K.programs_for(x, per_sm), triton.cdiv(n, block_r))
     rows_per_program = triton.cdiv(triton.cdiv(n, programs), block_r) * block_r
     programs = triton.cdiv(n, rows_per_program)
     partial = torch.empty((programs, d) if weight is not None else (0,), dtype=torch.float32, device=x.device)
@@ -204,6 +204,7 @@ def _(dy, ds, s, weight, rstd):
 def _add_rms_setup(ctx, inputs, output):
     x, residual, weight, _ = inputs
     ctx.has_weight = weight is not None
+    ctx.residual_dtype = residual.dtype
     ctx.save_for_backward(output[0], weight, output[2])
 
 
@@ -212,7 +213,7 @@ def _add_rms_backward(ctx, ds, dy, _drstd):
     if dy is None:
         dy = torch.zeros_like(s)
     dx, dw = add_rms_norm_backward(dy, ds, s, weight, rstd)
-    return dx, dx, (dw if ctx.has_weight else None), None
+    return dx, dx.to(ctx.residual_dtype), (dw if ctx.has_weight else None), None
 
 
 add_rms_norm_backward = backward_only("add_rms_norm_backward", add_rms_norm_bwd)
@@ -222,10 +223,15 @@ add_rms_norm_function = differentiable("AddRMSNormFunction", add_rms_norm_fwd, _
 
 def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
                  eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """``(x + residual, rms_norm(x + residual, weight))`` with a Triton forward and backward;
-    ``residual=None`` is a plain RMSNorm of ``x``."""
+    """``(x + residual, rms_norm(x + residual, weight))`` with a Triton forward and backward.
+
+    ``residual=None`` is a plain RMSNorm of ``x`` (through the dispatcher, so a backend
+    forced for ``rms_norm`` applies). ``residual`` may be of a narrower float dtype than ``x``
+    (a bf16 branch output on a float32 residual stream, as under autocast): the sum takes
+    ``x``'s dtype, as ``x + residual`` would.
+    """
     if residual is None:
-        return x, rms_norm(x, weight, eps)
+        return x, dispatch.call("rms_norm", x, weight, eps)
     s, y, _ = add_rms_norm_function(x, residual, weight, eps)
     return s, y
 
@@ -233,7 +239,8 @@ def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
 def add_rms_norm_ok(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
                     eps: float = 1e-6) -> bool:
     return (rms_norm_ok(x, weight, eps)
-            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
+            and (residual is None or (residual.shape == x.shape and residual.dtype in FLOAT_DTYPES
+                                      and torch.promote_types(x.dtype, residual.dtype) == x.dtype)))
 
 
 # ----------------------------------------------------------------------------- swiglu

@@ -14,6 +14,7 @@ autograd live in :mod:`ghostvis.ops.fused` and :mod:`ghostvis.ops.linear_ce`.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -76,12 +77,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def programs_for(t: torch.Tensor) -> int:
-    """How many programs fill the device holding ``t``: several per SM, or a handful when interpreting."""
+def programs_for(t: torch.Tensor, per_sm: Optional[int] = None) -> int:
+    """How many programs fill the device holding ``t``: ``per_sm`` (default 8) per SM, or a handful
+    when interpreting."""
+    if per_sm is not None and per_sm < 1:
+        raise ValueError(f"per_sm must be at least 1, got {per_sm}")
     if not t.is_cuda:
         return 4
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return _sm_count(index) * 8
+    return _sm_count(index) * (8 if per_sm is None else per_sm)
 
 
 # ----------------------------------------------------------------------------- rms_norm

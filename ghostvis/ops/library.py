@@ -84,27 +84,32 @@ def lower_as_fallbacks(namespace: str = "ghostvis") -> None:
     """Tell inductor, before it compiles, that every custom op of ``namespace`` runs as its own kernel.
 
     Inductor would otherwise register each op the first time its lowering meets it. In
-    torch 2.11 that step formats the op's inputs into a log message even with logging off,
-    and an IR node prints its inputs recursively. In a training graph where every block's op
-    reaches the previous block's along two paths (the residual stream and the branch, as
-    with ``add_rms_norm``), that text doubles with each layer: a 20-layer step stalled
-    lowering for minutes. Registered here first, with the layout constraint inductor would
-    have picked, the ops never take that path. Idempotent; a no-op where inductor's
-    internals differ (it logs why).
+    torch 2.11 that step formats the op's inputs into a log message even with logging off
+    (later versions format it only when the message is logged), and an IR node prints its
+    inputs recursively. In a training graph where every block's op reaches the previous
+    block's along two paths (the residual stream and the branch, as with ``add_rms_norm``),
+    that text doubles with each layer: a 20-layer step stalled lowering for minutes.
+    Registered here first, with the layout constraint inductor's own registration picks (the
+    op's tag, else the configured default, read now), the ops never take that path.
+    Idempotent. An op that cannot be registered is logged and left to inductor.
     """
     try:
         from torch._inductor import lowering as L
-
-        for name in dir(getattr(torch.ops, namespace)):
-            packet = getattr(getattr(torch.ops, namespace), name)
-            if not isinstance(packet, torch._ops.OpOverloadPacket):
+    except Exception as e:  # no inductor: nothing to register
+        log.warning("inductor is not importable, %s ops not registered with it: %s", namespace, e)
+        return
+    ns = getattr(torch.ops, namespace)
+    for name in dir(ns):
+        packet = getattr(ns, name)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            if op in _LOWERED or op in L.lowerings:
                 continue
-            for overload in packet.overloads():
-                op = getattr(packet, overload)
-                if op in _LOWERED or op in L.lowerings:
-                    continue
+            try:
                 tag = L.get_layout_constraint_tag(op, with_default=True)
                 L.make_fallback(op, layout_constraint=L.tag_to_layout_constraint(tag), warn=False)
                 _LOWERED.add(op)
-    except Exception as e:  # private API: compiling still works, only the deep-graph stall may return
-        log.info("could not register the %s ops with inductor ahead of compiling: %s", namespace, e)
+            except Exception as e:  # private API: compiling still works, only the deep-graph stall may return
+                log.warning("could not register %s with inductor ahead of compiling: %s", op, e)

@@ -350,7 +350,7 @@ def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_polic
     textbook loop of separate adds. It cannot be combined with ``remat_blocks``.
     """
     if remat_blocks and block_fn is not None:
-        raise ValueError("value_and_grad: pass remat_blocks or block_fn, not both (remat(...) is a block_fn)")
+        raise ValueError("value_and_grad: pass remat_blocks or block_fn, not both")
     # remat keeps the separate weights (its recompute under compile is not measured stacked)
     if remat_blocks:
         block_fn = remat(policy=remat_policy)
@@ -404,7 +404,8 @@ def compile(fn: Callable, **compile_kwargs) -> Callable:
     """
     from ..ops.library import lower_as_fallbacks
 
-    lower_as_fallbacks()
+    if compile_kwargs.get("backend", "inductor") == "inductor":
+        lower_as_fallbacks()
     return torch.compile(fn, **compile_kwargs)
 
 
