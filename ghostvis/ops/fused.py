@@ -50,7 +50,7 @@ def _rms_bwd_shape(d: int) -> tuple[int, int, int]:
     """``(rows per iteration, block width, warps)`` of the RMSNorm backward for rows of ``d``.
 
     Widths of 513 to 2048 take two rows per iteration and a warp per 1024 elements: on an
-    H100 that moved the d20 (1280) and d12 (768) backward from 2.05 to 2.45 and 2.37 TB/s
+    H100 that moved the d20 (1280) and d12 (768) backward from 2.06 and 2.04 to 2.45 and 2.37 TB/s
     (``scripts/norm_probe.py``, CUDA-graph replays). Other widths keep the forward's shape.
     """
     block_r, block_d = _rms_blocks(d)
