@@ -73,10 +73,9 @@ def copy_bandwidth_gbs(device) -> float:
 
 
 def compiled(fn: Callable) -> Callable:
-    from ghostvis.ops.library import lower_as_fallbacks
+    from ghostvis.train.step import compile as compile_transform
 
-    lower_as_fallbacks()
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    return compile_transform(fn, fullgraph=True, dynamic=False)
 
 
 def time_variants(variants: dict[str, Callable], inputs, grad_outs) -> dict[str, float]:

@@ -77,7 +77,8 @@ def rms_norm_launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     n = x2.shape[0]
-    block_r, block_d = (block_r or _rms_blocks(d)[0]), _rms_blocks(d)[1]
+    default_r, block_d = _rms_blocks(d)
+    block_r = block_r or default_r
     K.rms_norm_fwd.on(x)[(triton.cdiv(n, block_r),)](
         x2, r2, weight if weight is not None else x2, s.view(n, d) if s is not None else x2, y.view(n, d), rstd,
         x2.stride(0), r2.stride(0), d, d, n, d, eps,

@@ -15,7 +15,6 @@ import logging
 import torch
 
 log = logging.getLogger("ghostvis.ops")
-_LOWERED: set = set()
 
 
 def _overload(op):
@@ -105,11 +104,10 @@ def lower_as_fallbacks(namespace: str = "ghostvis") -> None:
             continue
         for overload in packet.overloads():
             op = getattr(packet, overload)
-            if op in _LOWERED or op in L.lowerings:
+            if op in L.lowerings:  # registered already (here, or by inductor itself)
                 continue
             try:
                 tag = L.get_layout_constraint_tag(op, with_default=True)
                 L.make_fallback(op, layout_constraint=L.tag_to_layout_constraint(tag), warn=False)
-                _LOWERED.add(op)
             except Exception as e:  # private API: compiling still works, only the deep-graph stall may return
                 log.warning("could not register %s with inductor ahead of compiling: %s", op, e)
