@@ -17,6 +17,7 @@ tokens/s). Each prints a table and writes JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -138,13 +139,14 @@ def random_batch(cfg: gv.ModelConfig, b: int, t: int, device="cuda") -> dict:
 
 # elementwise ops handed to inductor as plain torch (it fuses them with their neighbours)
 INDUCTOR_OPS = {"rms_norm": "reference", "add_rms_norm": "reference", "swiglu": "reference", "rope": "reference",
-                "qkv_rope": "reference", "swiglu_stacked": "reference"}
+                "qkv_rope": "reference", "swiglu_stacked": "reference", "swiglu_mlp": "reference"}
 
 # name -> (compiled, which ops, weight layout[, torch.compile mode]): "stacked" stacks q/k/v and
 # gate/up inside the loss (the default, ``value_and_grad(stacked=True)``), "separate" runs one matmul
 # per matrix, "stored" keeps the parameters themselves stacked (``decoder.fuse_projections``),
 # "stacked-block-loop" runs ``decoder.block`` per layer (separate residual adds, not fused into the norms);
-# "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS per shape
+# "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS per shape;
+# "fused-mlp" forces the MLP op with SwiGLU in its matmuls' epilogues (``ghostvis.ops.mlp``)
 ROWS = {
     "ghostvis": (True, "default", "stacked"),
     "ghostvis-separate": (True, "default", "separate"),
@@ -155,6 +157,8 @@ ROWS = {
     "ghostvis-reference": (False, "reference", "separate"),
     "ghostvis-block-loop": (True, "default", "stacked-block-loop"),
     "ghostvis-autotune": (True, "default", "stacked", "max-autotune-no-cudagraphs"),
+    "ghostvis-fused-mlp": (True, "fused-mlp", "stacked"),
+    "ghostvis-fused-mlp-gate-up": (True, "fused-mlp-gate-up", "stacked"),
 }
 
 
@@ -167,7 +171,17 @@ def ops_context(which: str):
     if which == "triton":
         return gv.ops.use(rms_norm="triton", add_rms_norm="triton", swiglu="triton", rope="triton",
                           qkv_rope="triton", swiglu_stacked="triton")
+    if which == "fused-mlp":  # the MLP as one op, SwiGLU's backward in the down projection's matmul
+        return gv.ops.use(swiglu_mlp="triton")
+    if which == "fused-mlp-gate-up":  # and SwiGLU's forward in the gate/up matmul's epilogue
+        return _both(gv.ops.use(swiglu_mlp="triton"), gv.ops.mlp.fuse_gate_up())
     return gv.ops.use()
+
+
+@contextlib.contextmanager
+def _both(a, b):
+    with a, b:
+        yield
 
 
 def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, which: str, layout: str = "stacked",

@@ -223,7 +223,7 @@ def test_fake_impls_give_the_kernels_shapes_and_strides():
     including for transposed inputs (the q/k norm of qk-norm models sees ``[B, H, T, D]`` views)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ghostvis.ops import fused
+    from ghostvis.ops import fused, mlp
 
     x = torch.randn(2, 5, 3, 8).transpose(1, 2)
     w, dy, r = torch.randn(8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
@@ -232,12 +232,16 @@ def test_fake_impls_give_the_kernels_shapes_and_strides():
     qkv, gu = torch.randn(2, 5, 4 * 8)[..., :32], torch.randn(2, 5, 12)
     cos, sin = torch.randn(5, 8), torch.randn(5, 8)
     q, k, v = fused.qkv_rope_fwd(qkv, cos, sin, 2, 1)
+    x8, wgu, wd = torch.randn(2, 5, 8), torch.randn(16, 8), torch.randn(8, 8)
+    saved = mlp.swiglu_mlp_fwd(x8, wgu, wd)[1:]
     cases = [(fused.rms_norm_fwd, (x, w, 1e-6)), (fused.rms_norm_bwd, (dy, x, w, rstd)),
              (fused.add_rms_norm_fwd, (x, r, w, 1e-6)), (fused.add_rms_norm_bwd, (dy, None, s, w, rstd_s)),
              (fused.add_rms_norm_bwd, (dy.transpose(1, 2), dy, s, None, rstd_s)),
              (fused.rope_fwd, (x, x[:, :1], cos, sin)), (fused.rope_bwd, (x, x[:, :1], cos, sin)),
              (fused.qkv_rope_fwd, (qkv, cos, sin, 2, 1)), (fused.qkv_rope_bwd, (q, k, v, cos, sin)),
-             (fused.swiglu_stacked_fwd, (gu,)), (fused.swiglu_stacked_bwd, (torch.randn(2, 5, 6), gu))]
+             (fused.swiglu_stacked_fwd, (gu,)), (fused.swiglu_stacked_bwd, (torch.randn(2, 5, 6), gu)),
+             (mlp.swiglu_mlp_fwd, (x8, wgu, wd)), (mlp.swiglu_mlp_bwd, (x8, x8, wgu, wd, *saved, True)),
+             (mlp.swiglu_mlp_bwd, (x8, x8, wgu, wd, *saved, False))]
     for op, args in cases:
         real = op(*args)
         with FakeTensorMode() as mode:
@@ -305,6 +309,107 @@ def test_swiglu_stacked_matches_float64(device, dtype, lead, cols, strided, seed
     assert y.shape == (*lead, cols) and g.shape == gate_up.shape and g.is_contiguous()
     assert rel_err(y, y64) < TOL[dtype]
     assert rel_err(g, g64) < GRAD_TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- swiglu_mlp
+
+
+def swiglu_mlp64(x, w_gate_up, w_down):
+    return swiglu64(*(x @ w_gate_up.T).chunk(2, -1)) @ w_down.T
+
+
+def mlp_inputs(lead, dim, ffn, device, dtype, seed):
+    x = make((*lead, dim), device, dtype, seed=seed)
+    w_gate_up = make((2 * ffn, dim), device, dtype, seed=seed + 1, scale=2 * dim ** -0.5)
+    w_down = make((dim, ffn), device, dtype, seed=seed + 2, scale=ffn ** -0.5)
+    return x, w_gate_up, w_down, make((*lead, dim), device, dtype, seed=seed + 3)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@budget
+@given(lead=st.sampled_from([(3,), (2, 5), (1, 1), (37,)]), dim=st.sampled_from([8, 16, 40]),
+       ffn=st.sampled_from([8, 32, 48]), fuse_forward=st.booleans(), seed=st.integers(0, 2**16))
+def test_swiglu_mlp_matches_float64(device, dtype, lead, dim, ffn, fuse_forward, seed):
+    """The MLP op with SwiGLU's backward in the down projection's input-gradient matmul (and, with
+    ``fuse_forward``, its forward in the gate/up matmul): output and all three gradients."""
+    from ghostvis.ops import mlp
+
+    skip_without(device)
+    x, w_gate_up, w_down, dy = mlp_inputs(lead, dim, ffn, device, dtype, seed)
+    with mlp.fuse_gate_up(fuse_forward):
+        y, grads = fast_grads(lambda *a: ops.swiglu_mlp(*a, backend="triton"), [x, w_gate_up, w_down], dy)
+    y64, g64 = grads64(swiglu_mlp64, [x, w_gate_up, w_down], dy)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert rel_err(y, y64) < TOL[dtype]
+    for a, b, name in zip(grads, g64, ("x", "w_gate_up", "w_down")):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < GRAD_TOL[dtype], name
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_swiglu_mlp_with_frozen_weights_gives_the_input_gradient(device, dtype, monkeypatch):
+    """Weights that need no gradient (a frozen decoder under a trained connector) skip their
+    weight-gradient matmuls; the input's gradient is unchanged."""
+    from ghostvis.ops import mlp
+
+    skip_without(device)
+    x, w_gate_up, w_down, dy = mlp_inputs((2, 9), 24, 40, device, dtype, 3)
+    seen, real = [], mlp.swiglu_mlp_backward
+
+    def spy(*args):
+        seen.append(args[-1])  # weight_grads
+        return real(*args)
+
+    monkeypatch.setattr(mlp, "swiglu_mlp_backward", spy)
+    xr = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(ops.swiglu_mlp(xr, w_gate_up, w_down, backend="triton"), [xr], dy)
+    _, (dx64,) = grads64(lambda a: swiglu_mlp64(a, w_gate_up.double().cpu(), w_down.double().cpu()), [x], dy)
+    assert seen == [False]
+    assert rel_err(dx, dx64) < GRAD_TOL[dtype]
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,dim,ffn", [(300, 200, 296), (1000, 256, 384), (129, 64, 136)])
+def test_swiglu_mlp_at_the_gpu_tile_sizes(dtype, rows, dim, ffn):
+    """The CUDA launch shapes (128-row tiles, 64-deep K steps): edges of every kind, K a multiple of
+    the step and not, against float64; the forward fused and not."""
+    from ghostvis.ops import mlp
+
+    skip_without("cuda")
+    x, w_gate_up, w_down, dy = mlp_inputs((rows,), dim, ffn, "cuda", dtype, rows)
+    y64, g64 = grads64(swiglu_mlp64, [x, w_gate_up, w_down], dy)
+    for fuse_forward in (False, True):
+        with mlp.fuse_gate_up(fuse_forward):
+            y, grads = fast_grads(lambda *a: ops.swiglu_mlp(*a, backend="triton"), [x, w_gate_up, w_down], dy)
+        assert rel_err(y, y64) < TOL[dtype]
+        for a, b in zip(grads, g64):
+            assert rel_err(a, b) < GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_swiglu_mlp_runs_its_pieces_unless_forced(device):
+    """The fused MLP op measured slower than its pieces at d20, so nothing picks it unasked: not
+    bf16 training on CUDA, not inference; forced, it takes only shapes its tensor descriptors can."""
+    from ghostvis.ops import mlp
+
+    skip_without(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, w_gate_up, w_down, _ = mlp_inputs((4,), 16, 24, device, dtype, 0)
+    assert dispatch.choose("swiglu_mlp", x.requires_grad_(), w_gate_up, w_down).name == "unfused"
+    with torch.no_grad():
+        assert dispatch.choose("swiglu_mlp", x, w_gate_up, w_down).name == "unfused"
+    assert dispatch.choose("swiglu_mlp", x, w_gate_up, w_down, backend="triton").name == "triton"
+    with ops.use(swiglu_mlp="triton"):
+        assert dispatch.choose("swiglu_mlp", x, w_gate_up, w_down).name == "triton"
+    torch.testing.assert_close(ops.swiglu_mlp(x, w_gate_up, w_down),
+                               ops.swiglu_mlp(x, w_gate_up, w_down, backend="reference"))
+    with pytest.raises(RuntimeError, match="cannot run these inputs"):
+        ops.swiglu_mlp(x, w_gate_up[:-1], w_down, backend="triton")
+    # fp16 rows of 12 elements are 24 bytes: not a whole number of 16-byte units for a tensor descriptor
+    h, w_gate_up, w_down, _ = mlp_inputs((4,), 12, 8, device, torch.float16, 0)
+    assert not mlp.swiglu_mlp_ok(h, w_gate_up, w_down)
+    assert mlp.swiglu_mlp_ok(*mlp_inputs((4,), 16, 8, device, torch.float16, 0)[:3])
 
 
 # ----------------------------------------------------------------------------- rope

@@ -410,6 +410,31 @@ def test_default_step_fuses_residual_adds_and_matches_the_block_loop(backend, kw
         tstep.value_and_grad(cfg, frozen, remat_blocks=True, block_fn=decoder.block)
 
 
+@pytest.mark.parametrize("trainable_spec", ["all", "connector"])
+def test_training_step_with_the_mlp_op_matches_its_pieces(trainable_spec, monkeypatch):
+    """The stacked step's MLP as one op (SwiGLU's backward inside the down projection's input-gradient
+    matmul, Triton through the interpreter) under torch.func.grad: the loss and gradients of the
+    dispatched pieces, with the decoder trained or frozen under a trained connector."""
+    if not gv.ops.HAS_TRITON:
+        pytest.skip("needs triton")
+    from ghostvis.ops import mlp
+
+    params = gv.tree_map(lambda t: t + 0.05 * torch.randn_like(t), gv.init(CFG, seed=9))
+    trainable, frozen = tstep.partition(params, trainable_spec)
+    b = random_batch(seed=9, images=True)
+    n = (b["targets"] != -100).sum().float()
+    g0, l0 = tstep.value_and_grad(CFG, frozen)(trainable, b, n)
+    calls, real = [], mlp.swiglu_bwd_matmul_launch
+    monkeypatch.setattr(mlp, "swiglu_bwd_matmul_launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with gv.ops.use(swiglu_mlp="triton"):
+        g1, l1 = tstep.value_and_grad(CFG, frozen)(trainable, b, n)
+    assert len(calls) == CFG.text.n_layers  # every block's backward ran the fused kernel
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)
+    assert set(g1) == set(g0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
 @pytest.mark.parametrize("policy", tstep.REMAT_POLICIES)
 def test_remat_with_stacked_weights_inside_gives_the_same_grads(policy, monkeypatch):
     """remat(policy, stacked=True) stacks each block's q/k/v and gate/up inside the recomputed part."""

@@ -11,6 +11,8 @@ swiglu               triton, reference
 rope                 triton, reference
 qkv_rope             triton, reference
 swiglu_stacked       triton, reference
+swiglu_mlp           unfused (the dispatched pieces), triton (SwiGLU in the matmul
+                     epilogues: only when forced), reference
 add_rms_norm         triton, reference
 rope_into_cache      triton (no gradient), reference
 linear_cross_entropy triton (chunked), chunked (chunked, torch rows), reference
@@ -43,7 +45,7 @@ Tensor = torch.Tensor
 
 for _name in ("rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention",
               "linear_cross_entropy", "int8_linear", "add_rms_norm", "rope_into_cache", "qkv_rope",
-              "swiglu_stacked"):
+              "swiglu_stacked", "swiglu_mlp"):
     dispatch.register(_name, "reference", getattr(reference, _name))
 
 try:
@@ -67,7 +69,7 @@ def _both(*preds):
 
 
 if HAS_TRITON:
-    from . import decode, fused, linear_ce
+    from . import decode, fused, linear_ce, mlp
 
     # (op, backend, function, the inputs it takes, priority); all run CUDA, or CPU through the interpreter
     for _op, _name, _fn, _ok, _priority in (
@@ -84,6 +86,8 @@ if HAS_TRITON:
             ("linear", "gemv", decode.linear_gemv, decode.linear_gemv_ok, 10)):
         dispatch.register(_op, _name, _fn, priority=_priority, auto=_triton_auto,
                           supports=_both(_triton_device, _ok))
+    dispatch.register("swiglu_mlp", "triton", mlp.swiglu_mlp, priority=10, auto=mlp.swiglu_mlp_auto,
+                      supports=_both(_triton_device, mlp.swiglu_mlp_ok))
 
 # The chunked loss with plain-torch rows: no Triton needed; picked only when forced.
 from . import linear_ce as _linear_ce  # noqa: E402
@@ -125,6 +129,24 @@ def swiglu_stacked(gate_up: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """:func:`swiglu` of the two halves of ``gate_up``'s last dim (a stacked gate/up projection);
     its gradient comes back as one tensor, so the projection's backward needs no concatenation."""
     return dispatch.call("swiglu_stacked", gate_up, backend=backend)
+
+
+def _swiglu_mlp_unfused(x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    return linear(swiglu_stacked(linear(x, w_gate_up)), w_down)
+
+
+dispatch.register("swiglu_mlp", "unfused", _swiglu_mlp_unfused, priority=5)
+
+
+def swiglu_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """A SwiGLU MLP on stacked gate/up weights: ``swiglu_stacked(x @ w_gate_up.T) @ w_down.T``.
+
+    By default it runs as its dispatched pieces (``unfused``: the matmuls, the stacked SwiGLU
+    kernel, the one-row decoding kernels). ``backend="triton"`` runs it as one op whose
+    backward applies SwiGLU's backward inside the down projection's input-gradient matmul
+    (:mod:`ghostvis.ops.mlp`); it is not picked unasked, having measured slower at d20.
+    """
+    return dispatch.call("swiglu_mlp", x, w_gate_up, w_down, backend=backend)
 
 
 def gelu(x: Tensor, approximate: str = "none", *, backend: Optional[str] = None) -> Tensor:
@@ -186,6 +208,7 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Te
 
 
 __all__ = ["rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention", "linear_cross_entropy",
-           "int8_linear", "add_rms_norm", "rope_into_cache", "qkv_rope", "swiglu_stacked", "use", "force", "backends",
+           "int8_linear", "add_rms_norm", "rope_into_cache", "qkv_rope", "swiglu_stacked", "swiglu_mlp",
+           "use", "force", "backends",
            "dispatch", "reference",
            "HAS_TRITON"]

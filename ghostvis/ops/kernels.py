@@ -422,3 +422,96 @@ def gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, sw_n, sw_k,
     if HAS_BIAS:
         y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)
     tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
+
+
+# ----------------------------------------------------------------------------- SwiGLU inside the MLP matmuls
+# Tiled matmuls whose epilogue does SwiGLU's work, so that neither the gated product (forward)
+# nor its gradient (backward) crosses memory on its own. The operands come in through tensor
+# descriptors (TMA copies on Hopper; tiles past an edge read as zeros); programs walk the
+# output tiles in groups of GROUP_M row blocks, so that a group's operands stay in L2.
+
+
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * n_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:  # the interpreter's half-precision dot is not exact enough
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@kernel
+def gate_up_swiglu(X_DESC, WG_DESC, WU_DESC, GU, H, M, F, K, s_gu, s_h,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # GU = X @ W.T with W = [W_gate; W_up] ([2F, K]; WG_DESC and WU_DESC are its two halves),
+    # and H = silu(GU[:, :F]) * GU[:, F:]. Each program owns columns n of both halves (two
+    # accumulators sharing the X tile), so its epilogue has the gate and up values it gates.
+    # H is computed from GU rounded to its dtype, as the backward (which reads GU) sees it.
+    off_m, off_n = _grouped_tile(M, F, BLOCK_M, BLOCK_N, GROUP_M)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        x = X_DESC.load([off_m, k * BLOCK_K])
+        acc_g = _dot(x, WG_DESC.load([off_n, k * BLOCK_K]).T, acc_g, UPCAST, PRECISION)
+        acc_u = _dot(x, WU_DESC.load([off_n, k * BLOCK_K]).T, acc_u, UPCAST, PRECISION)
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    g = acc_g.to(GU.dtype.element_ty)
+    u = acc_u.to(GU.dtype.element_ty)
+    rm64 = rm.to(tl.int64)
+    mask = (rm[:, None] < M) & (rn[None, :] < F)
+    out = GU + rm64[:, None] * s_gu + rn[None, :]
+    tl.store(out, g, mask=mask)
+    tl.store(out + F, u, mask=mask)
+    g32 = g.to(tl.float32)
+    h = g32 * tl.sigmoid(g32) * u.to(tl.float32)
+    tl.store(H + rm64[:, None] * s_h + rn[None, :], h.to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_tile(dh, GU, DGU, M, F, s_gu, s_dgu, off_m, off_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # SwiGLU's backward of one [BLOCK_M, BLOCK_N] tile of DH (float32) at columns off_n of GU
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    rm64 = rm.to(tl.int64)
+    mask = (rm[:, None] < M) & (rn[None, :] < F)
+    src = GU + rm64[:, None] * s_gu + rn[None, :]
+    g = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(src + F, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    dst = DGU + rm64[:, None] * s_dgu + rn[None, :]
+    tl.store(dst + F, (dh * g * sig).to(DGU.dtype.element_ty), mask=mask)
+    tl.store(dst, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DGU.dtype.element_ty), mask=mask)
+
+
+@kernel
+def swiglu_bwd_matmul(DY_DESC, WT_DESC, GU, DGU, M, F, K, s_gu, s_dgu,
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # DGU = SwiGLU's backward of DH = DY @ WT.T (WT = w_down.T, [F, K], K-major as the tensor
+    # cores want it) at GU = [gate | up]:
+    # DGU[:, :F] = DH * up * silu'(gate), DGU[:, F:] = DH * silu(gate). DH stays in float32
+    # registers; only GU is read and DGU written. With SPLIT the epilogue works on the tile's
+    # two column halves in turn (fewer values live at once).
+    off_m, off_n = _grouped_tile(M, F, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        acc = _dot(DY_DESC.load([off_m, k * BLOCK_K]), WT_DESC.load([off_n, k * BLOCK_K]).T, acc, UPCAST, PRECISION)
+    if SPLIT:
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _swiglu_bwd_tile(left, GU, DGU, M, F, s_gu, s_dgu, off_m, off_n, BLOCK_M, BLOCK_N // 2)
+        _swiglu_bwd_tile(right, GU, DGU, M, F, s_gu, s_dgu, off_m, off_n + BLOCK_N // 2, BLOCK_M, BLOCK_N // 2)
+    else:
+        _swiglu_bwd_tile(acc, GU, DGU, M, F, s_gu, s_dgu, off_m, off_n, BLOCK_M, BLOCK_N)

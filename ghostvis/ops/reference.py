@@ -83,6 +83,14 @@ def swiglu_stacked(gate_up: Tensor) -> Tensor:
     return swiglu(gate, up)
 
 
+def swiglu_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """A SwiGLU MLP with stacked gate/up weights: ``swiglu_stacked(x @ w_gate_up.T) @ w_down.T``.
+
+    ``w_gate_up`` is ``[2F, D]`` (the gate rows, then the up rows), ``w_down`` ``[D, F]``.
+    """
+    return F.linear(swiglu_stacked(F.linear(x, w_gate_up)), w_down)
+
+
 def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
                  eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """``(s, rms_norm(s, weight))`` with ``s = x + residual`` (``s = x`` when ``residual`` is None).

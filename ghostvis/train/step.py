@@ -374,7 +374,7 @@ def value_and_grad(cfg, frozen: Flat, *, remat_blocks: bool = False, remat_polic
 # cannot trace the Triton kernels' own autograd Functions there (torch 2.11 fails on the nested
 # Function's context), so with compile + remat these ops run as plain torch, which inductor fuses.
 REMAT_COMPILED_OPS = {"rms_norm": "reference", "swiglu": "reference", "rope": "reference",
-                      "qkv_rope": "reference", "swiglu_stacked": "reference"}
+                      "qkv_rope": "reference", "swiglu_stacked": "reference", "swiglu_mlp": "reference"}
 
 
 def _with_remat_compiled_ops(compiled: Callable) -> Callable:
