@@ -111,6 +111,28 @@ def test_rope_into_cache_matches_float64(device, dtype, b, hk, group, t, slots, 
     assert torch.equal(v_buf[:, :, others], v_before[:, :, others])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_rope_into_cache_never_writes_outside_the_cache(device):
+    """Slots past either end of the cache are not written by the kernel (no store outside the
+    buffers); the in-range ones still are, and q is rotated as usual."""
+    skip_without(device)
+    b, hk, t, d, slots = 2, 2, 4, 16, 6
+    q, k, v = (make((b, t, hk, d), device, torch.float32, seed=s).transpose(1, 2) for s in (1, 2, 3))
+    cos, sin = torch.ones(b, t, d, device=device), torch.zeros(b, t, d, device=device)
+    # one buffer holds three caches side by side: writes past the middle one's ends would land in the others
+    whole = make((3 * b, hk, slots, d), device, torch.float32, seed=4)
+    before = whole.clone()
+    k_buf, v_buf = whole[b:2 * b], whole[b:2 * b].clone()
+    where = torch.tensor([-1, 2, slots, slots + 5], device=device)
+    with torch.no_grad():
+        qo = ops.rope_into_cache(q, k, v, cos, sin, k_buf, v_buf, where, backend="triton")
+    assert torch.equal(qo, q)  # cos 1, sin 0: the identity rotation
+    assert torch.equal(whole[:b], before[:b]) and torch.equal(whole[2 * b:], before[2 * b:])
+    assert torch.equal(k_buf[:, :, 2], k[:, :, 1]) and torch.equal(v_buf[:, :, 2], v[:, :, 1])
+    kept = [0, 1, 3, 4, 5]
+    assert torch.equal(k_buf[:, :, kept], before[b:2 * b][:, :, kept])
+
+
 def test_decode_backends_are_picked_only_without_gradients(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, w = torch.randn(3, 8), torch.randn(8)

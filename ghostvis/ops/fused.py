@@ -350,7 +350,8 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
                  slots: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Rotate q and k into ``qo`` / ``ko`` (new ``[B, T, H, D]``-laid-out tensors where not given),
     and copy ``v`` to ``vo`` when ``v`` is given; with ``slots`` k and v go to the cache columns
-    ``slots`` of ``ko`` / ``vo`` (the KV cache buffers). Returns ``(qo, ko, vo)``."""
+    ``slots`` of ``ko`` / ``vo`` (the KV cache buffers; slots outside them are not written).
+    Returns ``(qo, ko, vo)``."""
     b, hq, t, d = q.shape
     hk = k.shape[1]
     qo = bthd_empty(q.shape, q.dtype, q.device) if qo is None else qo
@@ -369,7 +370,7 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
     block_d = triton.next_power_of_2(half)
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
     K.rope_qk.on(q)[(b * t,)](
-        q, k, v_, cos, sin, qo, ko, vo_, slots if slots is not None else q, t, hq, hk,
+        q, k, v_, cos, sin, qo, ko, vo_, slots if slots is not None else q, t, ko.shape[2], hq, hk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v_.stride(0), v_.stride(1), v_.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),

@@ -220,7 +220,7 @@ def _rotate_heads(SRC, DST, n_heads, s_src, s_dst, c1, c2, s1, s2, HALF: tl.cons
 
 
 @kernel
-def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, HQ, HK,
+def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, S, HQ, HK,
             sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
             sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t, svo_b, svo_h, svo_t, sc_b, sc_t,
             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
@@ -228,7 +228,8 @@ def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, HQ, HK,
     # One program per (batch, position): it rotates every q head and every k head
     # there, so cos/sin are read once per position. WITH_V copies v to VO as well (one
     # kernel lays out all three of q, k, v); with TO_CACHE, k (rotated) and v go to
-    # column SLOT[t] of the cache buffers KO / VO instead of to t.
+    # column SLOT[t] of the cache buffers KO / VO (S columns) instead of to t; a slot outside
+    # [0, S) is not written (no store lands outside the buffers).
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
@@ -242,12 +243,15 @@ def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, HQ, HK,
     _rotate_heads(Q + b * sq_b + t * sq_t, QO + b * sqo_b + t * sqo_t, HQ, sq_h, sqo_h, c1, c2, s1, s2,
                   HALF, BLOCK_D, BLOCK_HQ, BACKWARD, True)
     out_t = t
+    heads_out = HK
     if TO_CACHE:
         out_t = tl.load(SLOT + t).to(tl.int64)
+        heads_out = tl.where((out_t >= 0) & (out_t < S), HK, 0)
+        out_t = tl.where((out_t >= 0) & (out_t < S), out_t, 0)
     if WITH_V:
-        _rotate_heads(V + b * sv_b + t * sv_t, VO + b * svo_b + out_t * svo_t, HK, sv_h, svo_h, c1, c2, s1, s2,
-                      HALF, BLOCK_D, BLOCK_HK, BACKWARD, False)
-    _rotate_heads(K + b * sk_b + t * sk_t, KO + b * sko_b + out_t * sko_t, HK, sk_h, sko_h, c1, c2, s1, s2,
+        _rotate_heads(V + b * sv_b + t * sv_t, VO + b * svo_b + out_t * svo_t, heads_out, sv_h, svo_h,
+                      c1, c2, s1, s2, HALF, BLOCK_D, BLOCK_HK, BACKWARD, False)
+    _rotate_heads(K + b * sk_b + t * sk_t, KO + b * sko_b + out_t * sko_t, heads_out, sk_h, sko_h, c1, c2, s1, s2,
                   HALF, BLOCK_D, BLOCK_HK, BACKWARD, True)
 
 
