@@ -39,7 +39,7 @@ class BenchDecode:
     """Which to run: bf16 / int8 (compiled step), bf16-unfused (compiled, without the decode kernels of
     ``ghostvis.ops.decode``: SDPA, residual adds left to inductor, RoPE then cache copies, cuBLAS GEMVs), bf16-inductor
     (compiled, every elementwise op and attention as plain torch), bf16-eager / int8-eager (eager ops
-    captured), plain, hf."""
+    captured), bf16-no-pdl / int8-no-pdl (compiled, captured without programmatic dependent launch), plain, hf."""
     profile: bool = False
     """Profile one decode step per GhostVis row (GPU time per kernel category)."""
     reuse: bool = True
@@ -216,7 +216,8 @@ def main(args: BenchDecode) -> list[dict]:
         if int8 and quantized is None:
             quantized = gv.quantize(params, "int8")
         p = quantized if int8 else params
-        compile = row in ("bf16", "int8", "bf16-inductor", "bf16-unfused")
+        compile = row in ("bf16", "int8", "bf16-inductor", "bf16-unfused", "bf16-no-pdl", "int8-no-pdl")
+        generate_mod.DECODE_PDL = not row.endswith("-no-pdl")
         generate_mod.release_decode_session()
         generate_mod.COMPILED_DECODE_OPS.clear()
         if row == "bf16-unfused":  # the step as it was before the decode kernels

@@ -133,6 +133,26 @@ def test_rope_into_cache_never_writes_outside_the_cache(device):
     assert torch.equal(k_buf[:, :, kept], before[b:2 * b][:, :, kept])
 
 
+def test_programmatic_launch_is_scoped_and_cuda_only():
+    """Kernels take PDL launch options only inside ``programmatic_launch`` and only for CUDA tensors
+    (on a Hopper or later GPU); the scope nests and restores."""
+    from ghostvis.ops import kernels
+
+    x = torch.zeros(2)
+    assert kernels.pdl(x) == {}
+    with kernels.programmatic_launch():
+        assert kernels.pdl(x) == {}  # CPU tensors run in the interpreter: never PDL
+        with kernels.programmatic_launch(False):
+            assert not kernels._PDL_ON[0]
+        assert kernels._PDL_ON[0]
+        if torch.cuda.is_available():
+            want = kernels.HAS_PDL and torch.cuda.get_device_capability()[0] >= 9
+            assert kernels.pdl(x.cuda()) == ({"launch_pdl": True} if want else {})
+    assert not kernels._PDL_ON[0]
+    if torch.cuda.is_available():
+        assert kernels.pdl(x.cuda()) == {}
+
+
 def test_decode_backends_are_picked_only_without_gradients(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, w = torch.randn(3, 8), torch.randn(8)

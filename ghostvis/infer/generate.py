@@ -28,6 +28,7 @@ the tokens of the current one are read back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -183,6 +184,21 @@ def _capture(run: Callable[[], Tensor], device: torch.device) -> tuple[torch.cud
     return graph, out
 
 
+# Capture the decode step's kernels with programmatic dependent launch (Hopper and later): each
+# kernel starts while the one before it finishes, and the one-row GEMVs stream their weights in
+# meanwhile (``ops.kernels.programmatic_launch``). Safe there because no kernel of a decode step
+# writes a weight.
+DECODE_PDL = True
+
+
+def _programmatic_launch(on: bool):
+    try:
+        from ..ops.kernels import programmatic_launch
+    except ImportError:  # no triton: no kernels to launch that way
+        return contextlib.nullcontext()
+    return programmatic_launch(on)
+
+
 def cuda_graph_step(fn: Callable, params: dict, cfg: ModelConfig, cache: list, pad: Tensor, valid: Tensor) -> Step:
     """``step(tokens, slot) -> logits`` that captures ``fn`` (:func:`decode_step` or its compiled form)
     as a CUDA graph on first use.
@@ -190,6 +206,7 @@ def cuda_graph_step(fn: Callable, params: dict, cfg: ModelConfig, cache: list, p
     Inputs are copied into static buffers and the graph replayed; the returned
     logits live in the graph's static output (valid until the next call). The
     warm-up before capture rewrites the first step's slot, which is harmless.
+    The kernels are captured with programmatic dependent launch where :data:`DECODE_PDL`.
     """
     static_tokens = torch.zeros(pad.shape[0], dtype=torch.long, device=pad.device)
     static_slot = torch.zeros(1, dtype=torch.long, device=pad.device)
@@ -200,7 +217,9 @@ def cuda_graph_step(fn: Callable, params: dict, cfg: ModelConfig, cache: list, p
         static_tokens.copy_(tokens)
         static_slot.fill_(slot)
         if captured is None:
-            captured = _capture(lambda: fn(params, cfg, cache, pad, valid, static_tokens, static_slot), pad.device)
+            with _programmatic_launch(DECODE_PDL):
+                captured = _capture(lambda: fn(params, cfg, cache, pad, valid, static_tokens, static_slot),
+                                    pad.device)
         captured[0].replay()
         return captured[1]
 

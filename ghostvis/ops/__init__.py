@@ -182,7 +182,10 @@ def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
 
 def rope_into_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
                     slots: Tensor, *, backend: Optional[str] = None) -> Tensor:
-    """RoPE on q and k, k and v written into the KV cache at ``slots``; returns the rotated q."""
+    """RoPE on q and k, k and v written into the KV cache at ``slots``; returns the rotated q.
+
+    A slot outside the cache is an error for the reference (``index_copy_``); the Triton
+    kernel writes nothing there (it cannot raise without a host sync)."""
     return dispatch.call("rope_into_cache", q, k, v, cos, sin, k_buf, v_buf, slots, backend=backend)
 
 

@@ -79,11 +79,12 @@ def rms_norm_launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     n = x2.shape[0]
     default_r, block_d = _rms_blocks(d)
     block_r = block_r or default_r
+    pdl = K.pdl(x)
     K.rms_norm_fwd.on(x)[(triton.cdiv(n, block_r),)](
         x2, r2, weight if weight is not None else x2, s.view(n, d) if s is not None else x2, y.view(n, d), rstd,
         x2.stride(0), r2.stride(0), d, d, n, d, eps,
         HAS_R=residual is not None, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=num_warps or _num_warps(block_r * block_d))
+        num_warps=num_warps or _num_warps(block_r * block_d), PDL=bool(pdl), **pdl)
     return s, y, rstd
 
 
@@ -274,8 +275,10 @@ def _swiglu_launch(gate: Tensor, up: Tensor) -> Tensor:
     (g, u), rows, cols, has_rows = _elementwise_layout(gate, up)
     y2 = y.view(rows, cols)
     block, per_row, programs = _swiglu_grid(rows, cols)
+    pdl = K.pdl(gate)
     K.swiglu_fwd.on(gate)[(programs,)](g, u, y2, cols, g.stride(0) * has_rows, u.stride(0) * has_rows,
-                                       y2.stride(0) * has_rows, per_row, BLOCK=block, num_warps=_num_warps(block))
+                                       y2.stride(0) * has_rows, per_row, BLOCK=block, num_warps=_num_warps(block),
+                                       PDL=bool(pdl), **pdl)
     return y
 
 
@@ -369,6 +372,7 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
     half = d // 2
     block_d = triton.next_power_of_2(half)
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    pdl = K.pdl(q)
     K.rope_qk.on(q)[(b * t,)](
         q, k, v_, cos, sin, qo, ko, vo_, slots if slots is not None else q, t, ko.shape[2], hq, hk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -377,7 +381,7 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
         vo_.stride(0), vo_.stride(1), vo_.stride(2), cos_b, cos.stride(1),
         HALF=half, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BACKWARD=backward,
         WITH_V=v is not None, TO_CACHE=slots is not None,
-        num_warps=_num_warps((block_hq + 2 * block_hk) * block_d))
+        num_warps=_num_warps((block_hq + 2 * block_hk) * block_d), PDL=bool(pdl), **pdl)
     return qo, ko, vo
 
 
@@ -584,13 +588,19 @@ def _int8_blocks(m: int) -> tuple[int, int, int]:
     return (triton.next_power_of_2(m), 32, 128) if m <= 64 else (64, 128, 64)
 
 
-def gemv_config(n: int, weight_dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_K, num_warps)`` of the one-row GEMV.
+def gemv_config(n: int, k: int, weight_dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps)`` of the one-row GEMV for an ``[n, k]`` weight.
 
-    Chosen by ``scripts/gemv_probe.py`` on an H100 for the d20 shapes (BENCHMARKS.md): these
-    matmuls are bound by latency more than bytes, so narrow strips (two rows a program, many
-    programs) win; only the widest INT8 matrix wants wider ones.
+    These matmuls are bound by latency more than bytes, so narrow strips (two rows a program,
+    many programs) win; only the widest INT8 matrix wants wider ones. A strip of up to 16K
+    elements is held whole (``BLOCK_K >= k``), so that under programmatic dependent launch it
+    loads before the kernel waits for its input (``scripts/pdl_probe.py``); wider rows loop
+    over ``k`` with the blocks ``scripts/gemv_probe.py`` chose on an H100.
     """
+    bn = 8 if (weight_dtype == torch.int8 and n >= 4096) else 2
+    whole = triton.next_power_of_2(max(k, 1))
+    if bn * whole <= 16384:
+        return bn, whole, 8 if bn * whole >= 16384 else 4
     if weight_dtype == torch.int8 and n >= 4096:
         return 8, 512, 8
     return (2, 512, 2) if n >= 4096 else (2, 1024, 4)
@@ -601,11 +611,13 @@ def gemv_launch(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Option
     """``y[0] = x[0] @ (weight * scale[:, None]).T + bias`` for one row ``x`` ``[1, K]``;
     ``weight`` ``[N, K]`` bf16/fp16/fp32, or INT8 with ``scale``."""
     n, k = weight.shape
-    bn, bk, warps = config if config is not None else gemv_config(n, weight.dtype)
+    bn, bk, warps = config if config is not None else gemv_config(n, k, weight.dtype)
+    pdl = K.pdl(x)
     K.gemv.on(x)[(triton.cdiv(n, bn),)](
         x, weight, scale if scale is not None else y, bias if bias is not None else y, y, n, k,
         x.stride(1), weight.stride(0), weight.stride(1),
-        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        PDL=bool(pdl), **pdl)
     return y
 
 

@@ -13,8 +13,9 @@ autograd live in :mod:`ghostvis.ops.fused` and :mod:`ghostvis.ops.linear_ce`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -88,14 +89,80 @@ def programs_for(t: torch.Tensor, per_sm: Optional[int] = None) -> int:
     return _sm_count(index) * (8 if per_sm is None else per_sm)
 
 
+# ----------------------------------------------------------------------------- programmatic dependent launch
+# Inside a captured decode step, the kernels below are launched with PDL: each one lets the
+# next start as soon as it is running (gdc_launch_dependents) and waits for the one before
+# to finish and flush (gdc_wait) before it reads that one's output or writes anything. A
+# one-row GEMV loads its weight strip before the wait, so the weights stream in while the
+# kernel before it still runs. Only weights (constant within a decode step) are read before
+# the wait, which is why PDL is scoped to the decode step (:func:`programmatic_launch`).
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:  # a triton without the intrinsics: never launched with PDL
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+
+_PDL_ON = [False]
+
+
+@contextlib.contextmanager
+def programmatic_launch(on: bool = True) -> Iterator[None]:
+    """Launch the decode kernels with programmatic dependent launch inside this block (Hopper and later).
+
+    For code in which no kernel writes a weight (a decode step): a one-row GEMV reads its
+    weight before waiting for the kernel before it.
+    """
+    saved, _PDL_ON[0] = _PDL_ON[0], on
+    try:
+        yield
+    finally:
+        _PDL_ON[0] = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> dict:
+    """Launch options for a kernel on ``t``'s device: ``{"launch_pdl": True}`` inside
+    :func:`programmatic_launch` on a Hopper or later GPU, else none. The kernel's ``PDL``
+    flag is ``bool`` of this."""
+    if not (_PDL_ON[0] and HAS_PDL and t.is_cuda):
+        return {}
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return {"launch_pdl": True} if _sm90(index) else {}
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    # let the next kernel launch, then wait for the previous one's writes
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
 # ----------------------------------------------------------------------------- rms_norm
 
 
 @kernel
 def rms_norm_fwd(X, R, W, S, Y, RSTD, stride_x, stride_r, stride_s, stride_y, N, D, eps,
-                 HAS_R: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                 HAS_R: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PDL: tl.constexpr = False):
     # With HAS_R the residual add before the norm is fused in: S = X + R (rounded to S's
     # dtype, as an unfused add would store it) is written and normalised.
+    _pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
@@ -160,7 +227,9 @@ def rms_norm_bwd(X, W, DY, DS, RSTD, DX, DW_PARTIAL, stride_x, stride_dy, stride
 
 
 @kernel
-def swiglu_fwd(G, U, Y, n_cols, stride_g, stride_u, stride_y, blocks_per_row, BLOCK: tl.constexpr):
+def swiglu_fwd(G, U, Y, n_cols, stride_g, stride_u, stride_y, blocks_per_row, BLOCK: tl.constexpr,
+               PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     pid = tl.program_id(0)
     row = (pid // blocks_per_row).to(tl.int64)
     cols = (pid % blocks_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -224,12 +293,13 @@ def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, S, HQ, HK,
             sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
             sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t, svo_b, svo_h, svo_t, sc_b, sc_t,
             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-            BACKWARD: tl.constexpr, WITH_V: tl.constexpr, TO_CACHE: tl.constexpr):
+            BACKWARD: tl.constexpr, WITH_V: tl.constexpr, TO_CACHE: tl.constexpr, PDL: tl.constexpr = False):
     # One program per (batch, position): it rotates every q head and every k head
     # there, so cos/sin are read once per position. WITH_V copies v to VO as well (one
     # kernel lays out all three of q, k, v); with TO_CACHE, k (rotated) and v go to
     # column SLOT[t] of the cache buffers KO / VO (S columns) instead of to t; a slot outside
     # [0, S) is not written (no store lands outside the buffers).
+    _pdl_enter(PDL)
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
@@ -265,9 +335,10 @@ def rope_qk(Q, K, V, COS, SIN, QO, KO, VO, SLOT, T, S, HQ, HK,
 def decode_attention_split(Q, K, V, MASK, O_PART, M_PART, L_PART, S, HK, G, split_len, n_splits, scale,
                            sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s,
                            D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):
     # The query heads of one kv head are the rows of a tensor-core tile (padded to BLOCK_G >= 16),
     # so both products are tl.dot. UPCAST (the interpreter) multiplies in float32.
+    _pdl_enter(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // HK).to(tl.int64)
@@ -310,9 +381,10 @@ def decode_attention_split(Q, K, V, MASK, O_PART, M_PART, L_PART, S, HK, G, spli
 
 @kernel
 def decode_attention_merge(O_PART, M_PART, L_PART, OUT, HQ, n_splits, so_b, so_h,
-                           D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+                           D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr = False):
     # one program per (row, query head): rescale each split to the common max and add up;
     # a query with no allowed key (every split's sum is 0) gets zeros
+    _pdl_enter(PDL)
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
     h = (pid % HQ).to(tl.int64)
@@ -407,25 +479,43 @@ def int8_matmul(X, W, SCALE, BIAS, Y, M, N, K, sx_m, sx_k, sw_n, sw_k, sy_m, sy_
 
 @kernel
 def gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, sw_n, sw_k,
-         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+         PDL: tl.constexpr = False):
     # y = x @ w.T for one row of x (batch-1 decode): no tensor-core tile to fill, so each
     # program reads a narrow strip of the weight (bf16, or INT8 times a per-row SCALE) and
-    # reduces it in fp32; many programs keep the loads in flight.
+    # reduces it in fp32; many programs keep the loads in flight. With BLOCK_K >= K a
+    # program holds its whole strip, loaded before it waits for the kernel before it (PDL).
     pid = tl.program_id(0)
     rn = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(X + kk * sx_k, mask=kk < K, other=0.0).to(tl.float32)
-        w = tl.load(W + rn[:, None] * sw_n + kk[None, :] * sw_k, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    n_ok = rn < N
+    if PDL:
+        gdc_launch_dependents()
+    if HAS_SCALE:
+        scale = tl.load(SCALE + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if BLOCK_K >= K:
+        w = tl.load(W + rn[:, None] * sw_n + rk[None, :] * sw_k, mask=n_ok[:, None] & (rk[None, :] < K), other=0)
+        if PDL:
+            gdc_wait()
+        x = tl.load(X + rk * sx_k, mask=rk < K, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    else:
+        if PDL:
+            gdc_wait()
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(X + kk * sx_k, mask=kk < K, other=0.0).to(tl.float32)
+            w = tl.load(W + rn[:, None] * sw_n + kk[None, :] * sw_k, mask=n_ok[:, None] & (kk[None, :] < K), other=0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     y = acc
     if HAS_SCALE:
-        y = y * tl.load(SCALE + rn, mask=rn < N, other=0.0).to(tl.float32)
+        y = y * scale
     if HAS_BIAS:
-        y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
+        y += bias
+    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=n_ok)
 
 
 # ----------------------------------------------------------------------------- SwiGLU inside the MLP matmuls
