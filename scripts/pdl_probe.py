@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gemv_probe import per_call_us  # this folder is on sys.path when run as a script
 from ghostvis.ops import fused
 
 try:
@@ -71,27 +72,6 @@ def scale_row(X, Y, N, PDL: tl.constexpr, BLOCK: tl.constexpr):
         gdc_wait()
     x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
     tl.store(Y + offs, x.to(Y.dtype.element_ty), mask=offs < N)
-
-
-def graph_us(run, reps: int = 20) -> float:
-    """Microseconds per replay of a CUDA graph of ``run()``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
 
 
 def chain(way: str, layers, x0: torch.Tensor, bufs: dict):
@@ -151,7 +131,7 @@ def main(out_path: str | None) -> None:
                 torch.cuda.synchronize()
                 ref = out if ref is None else ref
                 err = ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-                us = graph_us(run)
+                us = per_call_us([run], reps=20)  # one CUDA-graph replay of the 20 blocks
                 row = {"weights": kind, "way": way, "us_per_block": us / LAYERS,
                        "weight_TBps": weight_bytes / (us * 1e-6) / 1e12, "rel_err_vs_library": err}
             except Exception as e:  # e.g. launch_pdl unknown to this triton, or not capturable
