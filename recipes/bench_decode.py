@@ -246,6 +246,7 @@ def main(args: BenchDecode) -> list[dict]:
                 r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             results.append(r)
             print(json.dumps(r), flush=True)
+    generate_mod.DECODE_PDL = True
     print(f"\n{args.preset} decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'impl':<14} {'batch':>5} {'tok/s':>9} {'decode tok/s':>13} {'% roofline (per seq)':>21} "

@@ -172,9 +172,9 @@ def ops_context(which: str):
         return gv.ops.use(rms_norm="triton", add_rms_norm="triton", swiglu="triton", rope="triton",
                           qkv_rope="triton", swiglu_stacked="triton")
     if which == "fused-mlp":  # the MLP as one op, SwiGLU's backward in the down projection's matmul
-        return gv.ops.use(swiglu_mlp="triton")
+        return gv.ops.use(swiglu_mlp="epilogue")
     if which == "fused-mlp-gate-up":  # and SwiGLU's forward in the gate/up matmul's epilogue
-        return _both(gv.ops.use(swiglu_mlp="triton"), gv.ops.mlp.fuse_gate_up())
+        return _both(gv.ops.use(swiglu_mlp="epilogue"), gv.ops.mlp.fuse_gate_up())
     return gv.ops.use()
 
 

@@ -3,7 +3,8 @@
 
     python scripts/gemv_probe.py [OUT_JSON]
 
-Each case captures a CUDA graph of back-to-back calls over enough copies of the weight to
+The grid includes strips held whole (``BLOCK_K >= K``), the default launch. Each case
+captures a CUDA graph of back-to-back calls over enough copies of the weight to
 overflow L2 (as the layers of a step do) and reports microseconds per call and the weight
 bytes per second. Prints the best configuration per shape and dtype, the table last.
 """
@@ -16,6 +17,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from ghostvis.ops import fused
 from ghostvis.ops import reference as R
@@ -63,7 +65,8 @@ def main(out_path: str | None) -> None:
         qs = [_quantize(w) for w in ws]
         for dtype_name, weights in (("bf16", [(w, None) for w in ws]), ("int8", qs)):
             best = None
-            for cfg in GRID:
+            whole = triton.next_power_of_2(k)  # strips held whole (the default up to 16K elements)
+            for cfg in GRID + [(bn, whole, w) for bn in (2, 4, 8) for w in (4, 8) if bn * whole <= 16384]:
                 try:
                     out = fused.gemv_launch(x, weights[0][0], weights[0][1], None, y, config=cfg).clone()
                     want = ref if dtype_name == "bf16" else R.int8_linear(x, *weights[0])

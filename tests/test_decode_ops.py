@@ -119,18 +119,20 @@ def test_rope_into_cache_never_writes_outside_the_cache(device):
     b, hk, t, d, slots = 2, 2, 4, 16, 6
     q, k, v = (make((b, t, hk, d), device, torch.float32, seed=s).transpose(1, 2) for s in (1, 2, 3))
     cos, sin = torch.ones(b, t, d, device=device), torch.zeros(b, t, d, device=device)
-    # one buffer holds three caches side by side: writes past the middle one's ends would land in the others
-    whole = make((3 * b, hk, slots, d), device, torch.float32, seed=4)
+    # one buffer holds the k and v caches among others: writes past their ends would land in the others
+    whole = make((6 * b, hk, slots, d), device, torch.float32, seed=4)
     before = whole.clone()
-    k_buf, v_buf = whole[b:2 * b], whole[b:2 * b].clone()
+    k_buf, v_buf = whole[b:2 * b], whole[4 * b:5 * b]
     where = torch.tensor([-1, 2, slots, slots + 5], device=device)
     with torch.no_grad():
         qo = ops.rope_into_cache(q, k, v, cos, sin, k_buf, v_buf, where, backend="triton")
     assert torch.equal(qo, q)  # cos 1, sin 0: the identity rotation
-    assert torch.equal(whole[:b], before[:b]) and torch.equal(whole[2 * b:], before[2 * b:])
+    for lo, hi in ((0, b), (2 * b, 4 * b), (5 * b, 6 * b)):
+        assert torch.equal(whole[lo:hi], before[lo:hi])
     assert torch.equal(k_buf[:, :, 2], k[:, :, 1]) and torch.equal(v_buf[:, :, 2], v[:, :, 1])
     kept = [0, 1, 3, 4, 5]
     assert torch.equal(k_buf[:, :, kept], before[b:2 * b][:, :, kept])
+    assert torch.equal(v_buf[:, :, kept], before[4 * b:5 * b][:, :, kept])
 
 
 def test_programmatic_launch_is_scoped_and_cuda_only():
@@ -227,9 +229,10 @@ def test_generation_on_the_decode_kernels_equals_the_uncached_reference(monkeypa
 @pytest.mark.parametrize("device,dtype", CASES)
 @budget
 @given(n=st.integers(1, 70), k=st.integers(1, 300), int8=st.booleans(), has_bias=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_gemv_matches_float64(device, dtype, n, k, int8, has_bias, seed):
-    """The one-row matmul kernel: bf16/fp16/fp32 or INT8 weights, with or without a bias."""
+       whole_strip=st.booleans(), seed=st.integers(0, 2**16))
+def test_gemv_matches_float64(device, dtype, n, k, int8, has_bias, whole_strip, seed):
+    """The one-row matmul kernel: bf16/fp16/fp32 or INT8 weights, with or without a bias, each
+    program holding its whole strip of the weight (the default here) or looping over K."""
     from ghostvis.ops import fused
 
     skip_without(device)
@@ -240,7 +243,8 @@ def test_gemv_matches_float64(device, dtype, n, k, int8, has_bias, seed):
         w = torch.randint(-127, 128, (n, k), generator=torch.Generator().manual_seed(seed)).to(device, torch.int8)
         scale = make((n,), device, dtype, seed=seed + 2, scale=0.01)
     bias = make((n,), device, dtype, seed=seed + 3) if has_bias else None
-    y = fused.gemv_launch(x, w, scale, bias, torch.empty(1, n, device=device, dtype=dtype))
+    config = None if whole_strip else (2, 64, 4)  # BLOCK_K 64: loops whenever k > 64
+    y = fused.gemv_launch(x, w, scale, bias, torch.empty(1, n, device=device, dtype=dtype), config=config)
     w64 = w.double().cpu() * (scale.double().cpu()[:, None] if int8 else 1)
     y64 = x.double().cpu() @ w64.T + (bias.double().cpu() if has_bias else 0)
     assert rel_err(y, y64) < TOL[dtype] * (4 if int8 else 1)

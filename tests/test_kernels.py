@@ -234,6 +234,7 @@ def test_fake_impls_give_the_kernels_shapes_and_strides():
     q, k, v = fused.qkv_rope_fwd(qkv, cos, sin, 2, 1)
     x8, wgu, wd = torch.randn(2, 5, 8), torch.randn(16, 8), torch.randn(8, 8)
     saved = mlp.swiglu_mlp_fwd(x8, wgu, wd)[1:]
+    x8p = torch.randn(5, 2, 8).transpose(0, 1)  # a permuted input: the gradient is still contiguous
     cases = [(fused.rms_norm_fwd, (x, w, 1e-6)), (fused.rms_norm_bwd, (dy, x, w, rstd)),
              (fused.add_rms_norm_fwd, (x, r, w, 1e-6)), (fused.add_rms_norm_bwd, (dy, None, s, w, rstd_s)),
              (fused.add_rms_norm_bwd, (dy.transpose(1, 2), dy, s, None, rstd_s)),
@@ -241,7 +242,9 @@ def test_fake_impls_give_the_kernels_shapes_and_strides():
              (fused.qkv_rope_fwd, (qkv, cos, sin, 2, 1)), (fused.qkv_rope_bwd, (q, k, v, cos, sin)),
              (fused.swiglu_stacked_fwd, (gu,)), (fused.swiglu_stacked_bwd, (torch.randn(2, 5, 6), gu)),
              (mlp.swiglu_mlp_fwd, (x8, wgu, wd)), (mlp.swiglu_mlp_bwd, (x8, x8, wgu, wd, *saved, True)),
-             (mlp.swiglu_mlp_bwd, (x8, x8, wgu, wd, *saved, False))]
+             (mlp.swiglu_mlp_bwd, (x8, x8, wgu, wd, *saved, False)),
+             (mlp.swiglu_mlp_bwd, (x8, x8p, wgu, wd, *saved, True)),
+             (mlp.swiglu_mlp_bwd, (x8, x8, wgu.t().contiguous().t(), wd, *saved, True))]
     for op, args in cases:
         real = op(*args)
         with FakeTensorMode() as mode:
@@ -337,13 +340,27 @@ def test_swiglu_mlp_matches_float64(device, dtype, lead, dim, ffn, fuse_forward,
     skip_without(device)
     x, w_gate_up, w_down, dy = mlp_inputs(lead, dim, ffn, device, dtype, seed)
     with mlp.fuse_gate_up(fuse_forward):
-        y, grads = fast_grads(lambda *a: ops.swiglu_mlp(*a, backend="triton"), [x, w_gate_up, w_down], dy)
+        y, grads = fast_grads(lambda *a: ops.swiglu_mlp(*a, backend="epilogue"), [x, w_gate_up, w_down], dy)
     y64, g64 = grads64(swiglu_mlp64, [x, w_gate_up, w_down], dy)
     assert y.shape == x.shape and y.dtype == dtype
     assert rel_err(y, y64) < TOL[dtype]
     for a, b, name in zip(grads, g64, ("x", "w_gate_up", "w_down")):
         assert a.shape == b.shape, name
         assert rel_err(a, b) < GRAD_TOL[dtype], name
+
+
+@pytest.mark.parametrize("split", [0, 1])
+def test_swiglu_backward_matmul_epilogue_whole_and_split(split):
+    """The backward matmul's epilogue on the whole tile and on its column halves in turn, with
+    tiles past the row and column edges (CPU interpreter, explicit launch shapes)."""
+    from ghostvis.ops import mlp
+
+    x, _, w_down, dy = mlp_inputs((37,), 40, 48, "cpu", torch.float32, split)
+    gate_up = make((37, 96), "cpu", torch.float32, seed=9, scale=2.0)
+    dgu = mlp.swiglu_bwd_matmul_launch(dy, w_down, gate_up, config=(16, 32, 16, 2, 4, 1, split))
+    g64 = gate_up.double().requires_grad_()
+    swiglu64(*g64.chunk(2, -1)).backward(dy.double() @ w_down.double())
+    assert rel_err(dgu, g64.grad) < GRAD_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
@@ -362,7 +379,7 @@ def test_swiglu_mlp_with_frozen_weights_gives_the_input_gradient(device, dtype, 
 
     monkeypatch.setattr(mlp, "swiglu_mlp_backward", spy)
     xr = x.clone().requires_grad_()
-    (dx,) = torch.autograd.grad(ops.swiglu_mlp(xr, w_gate_up, w_down, backend="triton"), [xr], dy)
+    (dx,) = torch.autograd.grad(ops.swiglu_mlp(xr, w_gate_up, w_down, backend="epilogue"), [xr], dy)
     _, (dx64,) = grads64(lambda a: swiglu_mlp64(a, w_gate_up.double().cpu(), w_down.double().cpu()), [x], dy)
     assert seen == [False]
     assert rel_err(dx, dx64) < GRAD_TOL[dtype]
@@ -381,7 +398,7 @@ def test_swiglu_mlp_at_the_gpu_tile_sizes(dtype, rows, dim, ffn):
     y64, g64 = grads64(swiglu_mlp64, [x, w_gate_up, w_down], dy)
     for fuse_forward in (False, True):
         with mlp.fuse_gate_up(fuse_forward):
-            y, grads = fast_grads(lambda *a: ops.swiglu_mlp(*a, backend="triton"), [x, w_gate_up, w_down], dy)
+            y, grads = fast_grads(lambda *a: ops.swiglu_mlp(*a, backend="epilogue"), [x, w_gate_up, w_down], dy)
         assert rel_err(y, y64) < TOL[dtype]
         for a, b in zip(grads, g64):
             assert rel_err(a, b) < GRAD_TOL[dtype]
@@ -399,17 +416,20 @@ def test_swiglu_mlp_runs_its_pieces_unless_forced(device):
     assert dispatch.choose("swiglu_mlp", x.requires_grad_(), w_gate_up, w_down).name == "unfused"
     with torch.no_grad():
         assert dispatch.choose("swiglu_mlp", x, w_gate_up, w_down).name == "unfused"
-    assert dispatch.choose("swiglu_mlp", x, w_gate_up, w_down, backend="triton").name == "triton"
-    with ops.use(swiglu_mlp="triton"):
-        assert dispatch.choose("swiglu_mlp", x, w_gate_up, w_down).name == "triton"
+    assert dispatch.choose("swiglu_mlp", x, w_gate_up, w_down, backend="epilogue").name == "epilogue"
+    with ops.use(swiglu_mlp="epilogue"):
+        assert dispatch.choose("swiglu_mlp", x, w_gate_up, w_down).name == "epilogue"
     torch.testing.assert_close(ops.swiglu_mlp(x, w_gate_up, w_down),
                                ops.swiglu_mlp(x, w_gate_up, w_down, backend="reference"))
     with pytest.raises(RuntimeError, match="cannot run these inputs"):
-        ops.swiglu_mlp(x, w_gate_up[:-1], w_down, backend="triton")
+        ops.swiglu_mlp(x, w_gate_up[:-1], w_down, backend="epilogue")
     # fp16 rows of 12 elements are 24 bytes: not a whole number of 16-byte units for a tensor descriptor
     h, w_gate_up, w_down, _ = mlp_inputs((4,), 12, 8, device, torch.float16, 0)
     assert not mlp.swiglu_mlp_ok(h, w_gate_up, w_down)
     assert mlp.swiglu_mlp_ok(*mlp_inputs((4,), 16, 8, device, torch.float16, 0)[:3])
+    # under autocast its matmuls would run in another dtype than its inputs': the pieces take it
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert not mlp.swiglu_mlp_ok(*mlp_inputs((4,), 16, 8, device, torch.float32, 0)[:3])
 
 
 # ----------------------------------------------------------------------------- rope

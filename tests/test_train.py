@@ -426,7 +426,7 @@ def test_training_step_with_the_mlp_op_matches_its_pieces(trainable_spec, monkey
     g0, l0 = tstep.value_and_grad(CFG, frozen)(trainable, b, n)
     calls, real = [], mlp.swiglu_bwd_matmul_launch
     monkeypatch.setattr(mlp, "swiglu_bwd_matmul_launch", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with gv.ops.use(swiglu_mlp="triton"):
+    with gv.ops.use(swiglu_mlp="epilogue"):
         g1, l1 = tstep.value_and_grad(CFG, frozen)(trainable, b, n)
     assert len(calls) == CFG.text.n_layers  # every block's backward ran the fused kernel
     torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)

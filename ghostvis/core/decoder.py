@@ -179,7 +179,7 @@ def mlp_block(p: dict, x: Tensor) -> Tensor:
     """SwiGLU MLP on already-normalised ``x`` (separate or stacked gate/up weights).
 
     Stacked float weights go through ``ops.swiglu_mlp`` (its pieces by default; forced to
-    ``triton``, one op with SwiGLU's backward inside the down projection's matmul).
+    ``epilogue``, one op with SwiGLU's backward inside the down projection's matmul).
     """
     if "w_gate_up" in p and not isinstance(p["w_gate_up"], dict) and not isinstance(p["w_down"], dict):
         return ops.swiglu_mlp(x, p["w_gate_up"], p["w_down"])

@@ -321,7 +321,7 @@ def decode_session(params: dict, cfg: ModelConfig, batch: int, slots: int, *, us
     session replaces it. A session in use by a live :func:`stream` is never shared.
     """
     weight = params["text"]["embed"]
-    key = (cfg.text, batch, slots, str(weight.device), weight.dtype, use_graph, compile,
+    key = (cfg.text, batch, slots, str(weight.device), weight.dtype, use_graph, compile, DECODE_PDL,
            tuple((id(t), t._version) for t in flatten(params["text"]).values()))
     cached = _SESSION.get("entry")
     if keep and cached is not None and cached["key"] == key and not cached["busy"]:

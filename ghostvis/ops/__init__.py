@@ -11,8 +11,8 @@ swiglu               triton, reference
 rope                 triton, reference
 qkv_rope             triton, reference
 swiglu_stacked       triton, reference
-swiglu_mlp           unfused (the dispatched pieces), triton (SwiGLU in the matmul
-                     epilogues: only when forced), reference
+swiglu_mlp           unfused (the dispatched pieces), epilogue (Triton matmuls with SwiGLU
+                     in their epilogues: only when forced by name), reference
 add_rms_norm         triton, reference
 rope_into_cache      triton (no gradient), reference
 linear_cross_entropy triton (chunked), chunked (chunked, torch rows), reference
@@ -86,7 +86,8 @@ if HAS_TRITON:
             ("linear", "gemv", decode.linear_gemv, decode.linear_gemv_ok, 10)):
         dispatch.register(_op, _name, _fn, priority=_priority, auto=_triton_auto,
                           supports=_both(_triton_device, _ok))
-    dispatch.register("swiglu_mlp", "triton", mlp.swiglu_mlp, priority=10, auto=mlp.swiglu_mlp_auto,
+    # its own backend name, so that forcing every op to "triton" does not pick it
+    dispatch.register("swiglu_mlp", "epilogue", mlp.swiglu_mlp, priority=10, auto=mlp.swiglu_mlp_auto,
                       supports=_both(_triton_device, mlp.swiglu_mlp_ok))
 
 # The chunked loss with plain-torch rows: no Triton needed; picked only when forced.
@@ -142,7 +143,7 @@ def swiglu_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, *, backend: Optiona
     """A SwiGLU MLP on stacked gate/up weights: ``swiglu_stacked(x @ w_gate_up.T) @ w_down.T``.
 
     By default it runs as its dispatched pieces (``unfused``: the matmuls, the stacked SwiGLU
-    kernel, the one-row decoding kernels). ``backend="triton"`` runs it as one op whose
+    kernel, the one-row decoding kernels). ``backend="epilogue"`` runs it as one op whose
     backward applies SwiGLU's backward inside the down projection's input-gradient matmul
     (:mod:`ghostvis.ops.mlp`); it is not picked unasked, having measured slower at d20.
     """

@@ -5,8 +5,10 @@ CUDA tensor they compile with Triton's JIT, on a CPU tensor they run in Triton's
 interpreter (slow, for tests). Building the interpreted form per call, instead of
 at import, means ``TRITON_INTERPRET`` need not be set before this module loads.
 
-They use plain pointer arithmetic only (no block pointers, no TMA descriptors)
-so the same source runs on triton 3.6 (GPU machine) and 3.9 (CPU interpreter).
+They use plain pointer arithmetic, except the MLP matmuls at the end, which load
+through host-side tensor descriptors; the same source runs on triton 3.6 (GPU
+machine) and 3.9 (CPU interpreter, which takes descriptors too). The decode kernels
+take a ``PDL`` flag for programmatic dependent launch (see below).
 Every reduction accumulates in float32. The wrappers that own shapes, strides and
 autograd live in :mod:`ghostvis.ops.fused` and :mod:`ghostvis.ops.linear_ce`.
 """

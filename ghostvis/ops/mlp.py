@@ -14,10 +14,13 @@ down projection's input-gradient matmul has just written. Here:
 - the other products (the down projection, the weight gradients and the input gradient) stay
   with cuBLAS.
 
-The op saves what the unfused chain saves (``x``, the gate/up product and the gated product)
-and skips the weight-gradient products of weights that need none (frozen layers).
+The op saves what the unfused chain saves (``x``, the gate/up product and the gated product).
+Run eagerly, it skips the weight-gradient products of weights that need none (frozen layers);
+under ``torch.compile`` it always computes them (dynamo does not report which inputs need
+gradients inside ``torch.func`` transforms).
 
-**It is not picked unasked** (``ops.use(swiglu_mlp="triton")`` turns it on). On an H100 at the
+**It is not picked unasked** (``ops.use(swiglu_mlp="epilogue")`` turns it on; it has a
+backend name of its own, so ``ops.use(all="triton")`` leaves it off). On an H100 at the
 d20 shapes (``scripts/mlp_gemm_probe.py``, BENCHMARKS.md) the fused backward took 0.82 ms
 against 0.78 ms for cuBLAS's ``dy @ w_down`` (0.44 ms) then the SwiGLU kernel: these Triton
 matmuls (tensor-descriptor loads, one tile per program) reach about 570 TFLOP/s where cuBLAS
@@ -51,7 +54,7 @@ BWD_CONFIG_NARROW = (64, 128, 64, 8, 4, 3, 1)
 # float32 tiles take twice the shared memory: smaller ones (float32 is a correctness path here)
 FWD_CONFIG_FP32 = (64, 64, 32, 8, 4, 3)
 BWD_CONFIG_FP32 = (64, 128, 32, 8, 4, 3, 1)
-_INTERPRETED = (16, 16, 16, 2, 4, 1)  # small tiles keep Triton's CPU interpreter quick
+_INTERPRETED = (16, 16, 16, 2, 4, 1, 1)  # small tiles keep Triton's CPU interpreter quick (split epilogue)
 # Whether the forward gates inside the gate/up matmul (True) or runs cuBLAS then the SwiGLU kernel.
 FUSE_GATE_UP = False
 
@@ -108,7 +111,7 @@ def gate_up_swiglu_launch(x: Tensor, w_gate_up: Tensor, config: Optional[tuple] 
         return gu, h
     x, w = _aligned(x), _aligned(w_gate_up)
     default = FWD_CONFIG_FP32 if x.dtype == torch.float32 else FWD_CONFIG
-    bm, bn, bk, group, warps, stages = _config(x, config, default)
+    bm, bn, bk, group, warps, stages = _config(x, config, default)[:6]
     upcast, precision = _dot_mode(x)
     K.gate_up_swiglu.on(x)[(triton.cdiv(m, bm) * triton.cdiv(f, bn),)](
         _descriptor(x, [bm, bk]), _descriptor(w[:f], [bn, bk]), _descriptor(w[f:], [bn, bk]), gu, h, m, f, k,
@@ -180,9 +183,10 @@ def swiglu_mlp_bwd(dy: Tensor, x: Tensor, w_gate_up: Tensor, w_down: Tensor, gat
 
 @swiglu_mlp_bwd.register_fake
 def _(dy, x, w_gate_up, w_down, gate_up, h, weight_grads):
+    # contiguous, as the real outputs are (empty_like would copy a permuted input's strides)
     if not weight_grads:
-        return torch.empty_like(x), w_gate_up.new_empty(0), w_down.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(w_gate_up), torch.empty_like(w_down)
+        return x.new_empty(x.shape), w_gate_up.new_empty(0), w_down.new_empty(0)
+    return x.new_empty(x.shape), w_gate_up.new_empty(w_gate_up.shape), w_down.new_empty(w_down.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -212,9 +216,12 @@ def swiglu_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
 
 def swiglu_mlp_ok(x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> bool:
     """Float ``x`` ``[..., D]``, ``w_gate_up`` ``[2F, D]`` and ``w_down`` ``[D, F]``, all one dtype,
-    ``D`` and ``F`` whole multiples of 16 bytes."""
+    ``D`` and ``F`` whole multiples of 16 bytes, autocast off (under autocast the matmuls would run
+    in another dtype than the inputs'; the unfused pieces handle it)."""
     # rows of x, w_gate_up and w_down must be whole multiples of 16 bytes (tensor descriptors)
     per_16 = 16 // x.element_size()
+    if torch.is_autocast_enabled(x.device.type):
+        return False
     return (x.dim() >= 1 and x.shape[-1] > 0 and w_gate_up.dim() == 2 and w_down.dim() == 2
             and w_down.shape[1] > 0 and x.dtype in (torch.float32, *HALF_DTYPES)
             and x.shape[-1] % per_16 == 0 and w_down.shape[1] % per_16 == 0
