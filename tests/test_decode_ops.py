@@ -149,7 +149,7 @@ def test_programmatic_launch_is_scoped_and_cuda_only():
         assert kernels._PDL_ON[0]
         if torch.cuda.is_available():
             want = kernels.HAS_PDL and torch.cuda.get_device_capability()[0] >= 9
-            assert kernels.pdl(x.cuda()) == ({"launch_pdl": True} if want else {})
+            assert kernels.pdl(x.cuda()) == ({"PDL": True, "launch_pdl": True} if want else {})
     assert not kernels._PDL_ON[0]
     if torch.cuda.is_available():
         assert kernels.pdl(x.cuda()) == {}

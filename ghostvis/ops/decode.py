@@ -111,17 +111,16 @@ def decode_attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: f
     m_part = torch.empty(b * hq * n_splits, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     block_g = max(16, triton.next_power_of_2(g))  # a tensor-core tile has at least 16 rows
-    upcast = not q.is_cuda  # the interpreter's half-precision dot is not exact enough
-    precision = "ieee" if (upcast or q.dtype == torch.float32) else "tf32"
+    upcast, precision = K.dot_mode(q)
     pdl = K.pdl(q)
     K.decode_attention_split.on(q)[(b * hk, n_splits)](
         q, k, v, mask, o_part, m_part, l_part, s, hk, g, split_len, n_splits, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0), mask.stride(1), D=d, BLOCK_G=block_g, BLOCK_S=BLOCK_S, UPCAST=upcast, PRECISION=precision,
-        num_warps=4, num_stages=3, PDL=bool(pdl), **pdl)
+        num_warps=4, num_stages=3, **pdl)
     K.decode_attention_merge.on(q)[(b * hq,)](
         o_part, m_part, l_part, out, hq, n_splits, out.stride(0), out.stride(1),
-        D=d, BLOCK_SPLITS=triton.next_power_of_2(n_splits), num_warps=_num_warps(d), PDL=bool(pdl), **pdl)
+        D=d, BLOCK_SPLITS=triton.next_power_of_2(n_splits), num_warps=_num_warps(d), **pdl)
     return out
 
 

@@ -79,12 +79,11 @@ def rms_norm_launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     n = x2.shape[0]
     default_r, block_d = _rms_blocks(d)
     block_r = block_r or default_r
-    pdl = K.pdl(x)
     K.rms_norm_fwd.on(x)[(triton.cdiv(n, block_r),)](
         x2, r2, weight if weight is not None else x2, s.view(n, d) if s is not None else x2, y.view(n, d), rstd,
         x2.stride(0), r2.stride(0), d, d, n, d, eps,
         HAS_R=residual is not None, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=num_warps or _num_warps(block_r * block_d), PDL=bool(pdl), **pdl)
+        num_warps=num_warps or _num_warps(block_r * block_d), **K.pdl(x))
     return s, y, rstd
 
 
@@ -275,10 +274,9 @@ def _swiglu_launch(gate: Tensor, up: Tensor) -> Tensor:
     (g, u), rows, cols, has_rows = _elementwise_layout(gate, up)
     y2 = y.view(rows, cols)
     block, per_row, programs = _swiglu_grid(rows, cols)
-    pdl = K.pdl(gate)
     K.swiglu_fwd.on(gate)[(programs,)](g, u, y2, cols, g.stride(0) * has_rows, u.stride(0) * has_rows,
                                        y2.stride(0) * has_rows, per_row, BLOCK=block, num_warps=_num_warps(block),
-                                       PDL=bool(pdl), **pdl)
+                                       **K.pdl(gate))
     return y
 
 
@@ -372,7 +370,6 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
     half = d // 2
     block_d = triton.next_power_of_2(half)
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
-    pdl = K.pdl(q)
     K.rope_qk.on(q)[(b * t,)](
         q, k, v_, cos, sin, qo, ko, vo_, slots if slots is not None else q, t, ko.shape[2], hq, hk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -381,7 +378,7 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
         vo_.stride(0), vo_.stride(1), vo_.stride(2), cos_b, cos.stride(1),
         HALF=half, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BACKWARD=backward,
         WITH_V=v is not None, TO_CACHE=slots is not None,
-        num_warps=_num_warps((block_hq + 2 * block_hk) * block_d), PDL=bool(pdl), **pdl)
+        num_warps=_num_warps((block_hq + 2 * block_hk) * block_d), **K.pdl(q))
     return qo, ko, vo
 
 
@@ -612,12 +609,11 @@ def gemv_launch(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Option
     ``weight`` ``[N, K]`` bf16/fp16/fp32, or INT8 with ``scale``."""
     n, k = weight.shape
     bn, bk, warps = config if config is not None else gemv_config(n, k, weight.dtype)
-    pdl = K.pdl(x)
     K.gemv.on(x)[(triton.cdiv(n, bn),)](
         x, weight, scale if scale is not None else y, bias if bias is not None else y, y, n, k,
         x.stride(1), weight.stride(0), weight.stride(1),
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        PDL=bool(pdl), **pdl)
+        **K.pdl(x))
     return y
 
 
@@ -635,9 +631,7 @@ def int8_linear_fwd(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optiona
         gemv_launch(x2, weight_int8, scale, bias, y2)
         return y
     bm, bn, bk = _int8_blocks(m)
-    # the interpreter's bf16 dot is wrong, and float32 inputs want an exact (not tf32) dot
-    upcast = not x.is_cuda
-    precision = "ieee" if (upcast or x.dtype == torch.float32) else "tf32"
+    upcast, precision = K.dot_mode(x)
     K.int8_matmul.on(x)[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         x2, weight_int8, scale, bias if bias is not None else scale, y2, m, n, k,
         x2.stride(0), x2.stride(1), weight_int8.stride(0), weight_int8.stride(1), y2.stride(0), y2.stride(1),

@@ -138,13 +138,20 @@ def _sm90(device_index: int) -> bool:
 
 
 def pdl(t: torch.Tensor) -> dict:
-    """Launch options for a kernel on ``t``'s device: ``{"launch_pdl": True}`` inside
-    :func:`programmatic_launch` on a Hopper or later GPU, else none. The kernel's ``PDL``
-    flag is ``bool`` of this."""
+    """Launch arguments for a decode kernel on ``t``'s device: ``{"PDL": True, "launch_pdl": True}``
+    (the kernel's flag and the launch option) inside :func:`programmatic_launch` on a Hopper or
+    later GPU, else none (the kernels' ``PDL`` defaults to False)."""
     if not (_PDL_ON[0] and HAS_PDL and t.is_cuda):
         return {}
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return {"launch_pdl": True} if _sm90(index) else {}
+    return {"PDL": True, "launch_pdl": True} if _sm90(index) else {}
+
+
+def dot_mode(t: torch.Tensor) -> tuple[bool, str]:
+    """``(UPCAST, PRECISION)`` for a kernel's ``tl.dot`` on ``t``: the interpreter's half-precision
+    dot is not exact enough (upcast to float32 there), and float32 inputs want an exact dot, not tf32."""
+    upcast = not t.is_cuda
+    return upcast, "ieee" if (upcast or t.dtype == torch.float32) else "tf32"
 
 
 @triton.jit

@@ -38,6 +38,7 @@ import torch
 import triton
 
 from . import kernels as K
+from .fused import _rows, _swiglu_launch
 from .library import backward_only, differentiable
 
 Tensor = torch.Tensor
@@ -74,18 +75,6 @@ def _config(t: Tensor, config: Optional[tuple], default: tuple) -> tuple:
     return config if config is not None else (default if t.is_cuda else _INTERPRETED)
 
 
-def _dot_mode(t: Tensor) -> tuple[bool, str]:
-    # (UPCAST, PRECISION): the interpreter's half-precision dot is not exact enough, and float32
-    # inputs want an exact dot, not tf32
-    upcast = not t.is_cuda
-    return upcast, "ieee" if (upcast or t.dtype == torch.float32) else "tf32"
-
-
-def _matrix(t: Tensor) -> Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _aligned(t: Tensor) -> Tensor:
     """``t`` (2-D) as a tensor descriptor can take: unit column stride, 16-byte aligned rows and base."""
     es = t.element_size()
@@ -112,7 +101,7 @@ def gate_up_swiglu_launch(x: Tensor, w_gate_up: Tensor, config: Optional[tuple] 
     x, w = _aligned(x), _aligned(w_gate_up)
     default = FWD_CONFIG_FP32 if x.dtype == torch.float32 else FWD_CONFIG
     bm, bn, bk, group, warps, stages = _config(x, config, default)[:6]
-    upcast, precision = _dot_mode(x)
+    upcast, precision = K.dot_mode(x)
     K.gate_up_swiglu.on(x)[(triton.cdiv(m, bm) * triton.cdiv(f, bn),)](
         _descriptor(x, [bm, bk]), _descriptor(w[:f], [bn, bk]), _descriptor(w[f:], [bn, bk]), gu, h, m, f, k,
         gu.stride(0), h.stride(0), UPCAST=upcast, PRECISION=precision,
@@ -136,7 +125,7 @@ def swiglu_bwd_matmul_launch(dy: Tensor, w_down: Tensor, gate_up: Tensor, config
                else BWD_CONFIG)
     bm, bn, bk, group, warps, stages, *rest = _config(dy, config, default)
     split = bool(rest and rest[0])
-    upcast, precision = _dot_mode(dy)
+    upcast, precision = K.dot_mode(dy)
     K.swiglu_bwd_matmul.on(dy)[(triton.cdiv(m, bm) * triton.cdiv(f, bn),)](
         _descriptor(dy, [bm, bk]), _descriptor(wt, [bn, bk]), gate_up, dgu, m, f, k,
         gate_up.stride(0), dgu.stride(0), UPCAST=upcast, PRECISION=precision, SPLIT=split,
@@ -148,9 +137,7 @@ def swiglu_bwd_matmul_launch(dy: Tensor, w_down: Tensor, gate_up: Tensor, config
 def swiglu_mlp_fwd(x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, gate_up, h)``: the MLP's output ``[..., D]``, and the gate/up product ``[M, 2F]`` and
     gated product ``[M, F]`` the backward reads."""
-    from .fused import _swiglu_launch
-
-    x2 = _matrix(x)
+    x2 = _rows(x)
     f = w_down.shape[1]
     if FUSE_GATE_UP:
         gu, h = gate_up_swiglu_launch(x2, w_gate_up)
@@ -173,7 +160,7 @@ def swiglu_mlp_bwd(dy: Tensor, x: Tensor, w_gate_up: Tensor, w_down: Tensor, gat
                    weight_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, d_w_gate_up, d_w_down)`` of :func:`swiglu_mlp_fwd`; the weight gradients are empty
     when ``weight_grads`` is False."""
-    dy2, x2 = _matrix(dy), _matrix(x)
+    dy2, x2 = _rows(dy), _rows(x)
     dgu = swiglu_bwd_matmul_launch(dy2, w_down, gate_up)
     dx = (dgu @ w_gate_up).view(x.shape)
     if not weight_grads:
