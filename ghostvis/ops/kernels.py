@@ -141,10 +141,22 @@ def pdl(t: torch.Tensor) -> dict:
     """Launch arguments for a decode kernel on ``t``'s device: ``{"PDL": True, "launch_pdl": True}``
     (the kernel's flag and the launch option) inside :func:`programmatic_launch` on a Hopper or
     later GPU, else none (the kernels' ``PDL`` defaults to False)."""
-    if not (_PDL_ON[0] and HAS_PDL and t.is_cuda):
+    if not (_PDL_ON[0] and t.is_cuda):
+        return {}
+    if not HAS_PDL:
+        from .dispatch import log_once
+
+        log_once("pdl-unavailable", "this triton has no programmatic dependent launch; decode kernels launch "
+                 "without it")
         return {}
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return {"PDL": True, "launch_pdl": True} if _sm90(index) else {}
+    if not _sm90(index):
+        from .dispatch import log_once
+
+        log_once("pdl-unavailable", "programmatic dependent launch needs a Hopper or later GPU; "
+                 "decode kernels launch without it")
+        return {}
+    return {"PDL": True, "launch_pdl": True}
 
 
 def dot_mode(t: torch.Tensor) -> tuple[bool, str]:
