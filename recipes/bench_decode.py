@@ -77,32 +77,33 @@ def time_generate(params, cfg, batch: int, args: BenchDecode, compile: bool) -> 
 
 
 def profile_decode(params, cfg, batch: int, compile: bool, slots: int = 512) -> dict:
-    """GPU time of one captured decode step by kernel category, and of the LM head matmul alone."""
+    """GPU time of one captured decode step by kernel category, and of the LM head matmul alone.
+
+    The step is the one ``generate`` builds (its decode session, under ``torch.no_grad`` as
+    generation runs, with the same op choices and launch options), at slot ``slots // 2``."""
     from bench_train import profile_step
 
     from ghostvis.core import decoder
-    from ghostvis.infer.generate import compiled_decode_step, cuda_graph_step, decode_step
-    from ghostvis.infer.kv_cache import init_kv_cache, key_valid
+    from ghostvis.infer.generate import decode_session
+    from ghostvis.infer.kv_cache import key_valid
 
     device = "cuda"
-    pad = torch.zeros(batch, dtype=torch.long, device=device)
-    valid = key_valid(pad, slots)
-    cache = init_kv_cache(cfg.text, batch, slots, device=device, dtype=torch.bfloat16)
-    if compile:
-        params = {**params, "text": decoder.fuse_projections(params["text"])}
-    step = cuda_graph_step(compiled_decode_step() if compile else decode_step, params, cfg, cache, pad, valid)
-    tokens = torch.randint(8, 100, (batch,), device=device)
-    for _ in range(3):
-        step(tokens, slots // 2)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(100):
-        step(tokens, slots // 2)
-    end.record()
-    torch.cuda.synchronize()
-    replay_ms = start.elapsed_time(end) / 100
-    prof = profile_step(lambda: step(tokens, slots // 2), steps=20)
+    with torch.no_grad():
+        session = decode_session(params, cfg, batch, slots, use_graph=True, compile=compile)
+        session["valid"].copy_(key_valid(session["pad"], slots))
+        step = session["step"]
+        tokens = torch.randint(8, 100, (batch,), device=device)
+        for _ in range(3):
+            step(tokens, slots // 2)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(100):
+            step(tokens, slots // 2)
+        end.record()
+        torch.cuda.synchronize()
+        replay_ms = start.elapsed_time(end) / 100
+        prof = profile_step(lambda: step(tokens, slots // 2), steps=20)
     h = torch.randn(batch, cfg.text.dim, device=device, dtype=torch.bfloat16)
     head = decoder.lm_head_weight(params["text"])
     from bench import bench_graph_ms
@@ -216,15 +217,20 @@ def main(args: BenchDecode) -> list[dict]:
         if int8 and quantized is None:
             quantized = gv.quantize(params, "int8")
         p = quantized if int8 else params
-        compile = row in ("bf16", "int8", "bf16-inductor", "bf16-unfused", "bf16-no-pdl", "int8-no-pdl")
+        compile = row in ("bf16", "int8", "bf16-inductor", "bf16-unfused", "bf16-no-pdl", "int8-no-pdl",
+                          "bf16-norm-apart", "int8-norm-apart")
         generate_mod.DECODE_PDL = not row.endswith("-no-pdl")
         generate_mod.release_decode_session()
         generate_mod.COMPILED_DECODE_OPS.clear()
+        if row.endswith("-norm-apart"):
+            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="unfused")
         if row == "bf16-unfused":  # the step as it was before the decode kernels
-            generate_mod.COMPILED_DECODE_OPS.update(attention="sdpa", add_rms_norm="reference",
-                                                    rope_into_cache="reference", linear="reference")
+            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="unfused", attention="sdpa",
+                                                    add_rms_norm="reference", rope_into_cache="reference",
+                                                    linear="reference")
         if row == "bf16-inductor":  # the elementwise ops and attention as plain torch, for inductor to fuse
-            generate_mod.COMPILED_DECODE_OPS.update(rms_norm="reference", swiglu="reference", rope="reference",
+            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="reference", rms_norm="reference",
+                                                    swiglu="reference", rope="reference",
                                                     attention="reference", add_rms_norm="reference",
                                                     rope_into_cache="reference")
         torch._dynamo.reset()

@@ -17,7 +17,7 @@ import ghostvis.ops as ops
 from ghostvis.infer.generate import generate, generate_uncached
 from ghostvis.infer.kv_cache import attention_mask, key_valid
 from ghostvis.ops import dispatch
-from test_kernels import CASES, TOL, budget, make, rel_err, rms_norm64, rope64, skip_without
+from test_kernels import CASES, TOL, budget, make, rel_err, rms_norm64, rope64, skip_without, swiglu64
 
 pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton")
 
@@ -221,9 +221,14 @@ def test_generation_on_the_decode_kernels_equals_the_uncached_reference(monkeypa
     monkeypatch.setattr(dispatch, "call", spy)
     assert generate(params, cfg, prompts, max_new_tokens=5) == ref
     assert {("attention", "decode"), ("add_rms_norm", "triton"), ("rope_into_cache", "triton")} <= seen
-    monkeypatch.setattr(dispatch, "call", real_call)
-    # compiled, the prefill's q/k norm sees transposed [B, H, T, D] views (T > 1): fake and real strides must agree
+    # compiled, the prefill's q/k norm sees transposed [B, H, T, D] views (T > 1): fake and real strides must
+    # agree; the step runs on stacked projections, so each norm goes with the projection after it
+    seen.clear()
     assert generate(params, cfg, prompts, max_new_tokens=5, compile=True) == ref
+    assert ("add_rms_norm_linear", "unfused") in seen  # the prefill's rows
+    assert [generate(params, cfg, [p], max_new_tokens=5, compile=True)[0] for p in prompts] == ref
+    assert ("add_rms_norm_linear", "gemv") in seen  # a one-row decoding step
+    monkeypatch.setattr(dispatch, "call", real_call)
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
@@ -262,3 +267,70 @@ def test_one_row_linear_takes_the_gemv_only_without_gradients(device, dtype, mon
     assert y.shape == (1, 1, 40)
     assert rel_err(y, x.double().cpu() @ w.double().cpu().T + b.double().cpu()) < TOL[dtype]
     assert dispatch.choose("linear", x, w.requires_grad_(), b).name == "reference"
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@budget
+@given(n=st.integers(1, 40), k=st.sampled_from([1, 7, 32, 100, 257]), int8=st.booleans(), gate=st.booleans(),
+       has_residual=st.booleans(), has_norm_weight=st.booleans(), has_bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_add_rms_norm_linear_gemv_matches_float64(device, dtype, n, k, int8, gate, has_residual, has_norm_weight,
+                                                  has_bias, seed):
+    """Add, RMSNorm and the one-row projection in one kernel (with SwiGLU of the two halves when
+    ``gate``), bf16/fp16/fp32 or INT8 weights, against float64."""
+    skip_without(device)
+    rows = 2 * n if gate else n
+    x = make((1, 1, k), device, dtype, seed=seed)
+    r = make((1, 1, k), device, dtype, seed=seed + 1) if has_residual else None
+    nw = make((k,), device, dtype, seed=seed + 2) if has_norm_weight else None
+    w = make((rows, k), device, dtype, seed=seed + 3, scale=k ** -0.5)
+    scale = None
+    if int8:
+        w = torch.randint(-127, 128, (rows, k), generator=torch.Generator().manual_seed(seed)).to(device, torch.int8)
+        scale = make((rows,), device, dtype, seed=seed + 4, scale=0.01 * k ** -0.5)
+    bias = make((rows,), device, dtype, seed=seed + 5) if has_bias else None
+    with torch.no_grad():
+        s, y = ops.add_rms_norm_linear(x, r, nw, w, 1e-6, scale=scale, bias=bias, gate=gate, backend="gemv")
+    s_ref = x if r is None else (x.double() + r.double()).to(dtype)
+    assert torch.equal(s, s_ref) and s.data_ptr() != x.data_ptr()
+    h64 = rms_norm64(s_ref.double().cpu(), nw.double().cpu() if has_norm_weight else None)
+    w64 = w.double().cpu() * (scale.double().cpu()[:, None] if int8 else 1)
+    y64 = h64 @ w64.T + (bias.double().cpu() if has_bias else 0)
+    if gate:
+        y64 = swiglu64(y64[..., :n], y64[..., n:])
+    assert y.shape == (1, 1, n) and y.dtype == dtype
+    assert rel_err(y, y64) < TOL[dtype] * (4 if int8 or gate else 1)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_add_rms_norm_linear_backends_agree(gate, monkeypatch):
+    """The fused kernel, the dispatched pieces and the plain-torch reference give the same row."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, r, nw = make((1, 48), "cpu", torch.float16), make((1, 48), "cpu", torch.float16, seed=1), \
+        make((48,), "cpu", torch.float16, seed=2)
+    w = make((40, 48), "cpu", torch.float16, seed=3, scale=0.1)
+    with torch.no_grad():
+        outs = {b: ops.add_rms_norm_linear(x, r, nw, w, 1e-6, gate=gate, backend=b)
+                for b in ("gemv", "unfused", "reference")}
+    for name in ("unfused", "reference"):
+        assert torch.equal(outs[name][0], outs["gemv"][0])
+        assert rel_err(outs[name][1], outs["gemv"][1]) < TOL[torch.float16]
+
+
+def test_add_rms_norm_linear_takes_the_gemv_only_for_one_row_without_gradients(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, nw = torch.randn(1, 1, 64, dtype=torch.float16), torch.randn(64, dtype=torch.float16)
+    w = torch.randn(32, 64, dtype=torch.float16)
+    with torch.no_grad():
+        assert dispatch.choose("add_rms_norm_linear", x, x, nw, w, 1e-6, gate=True).name == "gemv"
+        assert dispatch.choose("add_rms_norm_linear", x, None, None, w.to(torch.int8), 1e-6,
+                               scale=torch.ones(32, dtype=torch.float16)).name == "gemv"
+        # two rows; an odd stacked gate/up; INT8 without its scale; a weight of another dtype
+        assert dispatch.choose("add_rms_norm_linear", x.expand(1, 2, 64).contiguous(), None, nw, w,
+                               1e-6).name == "unfused"
+        assert dispatch.choose("add_rms_norm_linear", x, None, nw, w[:31], 1e-6, gate=True).name == "unfused"
+        assert dispatch.choose("add_rms_norm_linear", x, None, nw, w.to(torch.int8), 1e-6).name == "unfused"
+        assert dispatch.choose("add_rms_norm_linear", x, None, nw, w.float(), 1e-6).name == "unfused"
+    assert dispatch.choose("add_rms_norm_linear", x, x, nw.requires_grad_(), w, 1e-6).name == "unfused"
+    with pytest.raises(RuntimeError, match="cannot run"):
+        ops.add_rms_norm_linear(x.expand(1, 2, 64).contiguous(), None, nw.detach(), w, backend="gemv")

@@ -239,11 +239,36 @@ def fused_blocks(params: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Ten
     for i, lp in enumerate(params["layers"]):
         kw = {"doc_ids": doc_ids} if kv_cache is None else {
             "kv_cache": kv_cache[i], "cache_pos": cache_pos, "attn_mask": attn_mask}
+        if kv_cache is not None and "wqkv" in lp["attn"] and "w_gate_up" in lp["mlp"]:
+            x, branch = _cached_stacked_block(lp, cfg, x, branch, cos, sin, **kw)
+            continue
         x, h = ops.add_rms_norm(x, branch, lp["attn_norm"], eps)
         a = attention_block(lp["attn"], cfg, h, cos, sin, **kw)
         x, h = ops.add_rms_norm(x, a, lp["mlp_norm"], eps)
         branch = mlp_block(lp["mlp"], h)
     return ops.add_rms_norm(x, branch, params["norm"], eps)[1]
+
+
+def add_norm_project(x: Tensor, branch: Optional[Tensor], norm_weight: Tensor, eps: float, w,
+                     b: Optional[Tensor] = None, *, gate: bool = False) -> tuple[Tensor, Tensor]:
+    """``ops.add_rms_norm_linear`` for a weight as :func:`project` takes it (a tensor or an INT8 dict)."""
+    if isinstance(w, dict):
+        return ops.add_rms_norm_linear(x, branch, norm_weight, w["q"], eps, scale=w["scale"], bias=b, gate=gate)
+    return ops.add_rms_norm_linear(x, branch, norm_weight, w, eps, bias=b, gate=gate)
+
+
+def _cached_stacked_block(lp: dict, cfg: TextConfig, x: Tensor, branch: Optional[Tensor], cos: Tensor,
+                          sin: Tensor, **attn_kw) -> tuple[Tensor, Tensor]:
+    """One block of :func:`fused_blocks` with a KV cache and stacked projections: returns the
+    residual stream and the MLP's output. Each norm goes with the projection that reads it
+    (``ops.add_rms_norm_linear``), and SwiGLU with the gate/up projection, so that a decoding
+    step's one row runs each as one kernel. Other shapes run the same pieces as the loop."""
+    eps, attn, mlp = cfg.norm_eps, lp["attn"], lp["mlp"]
+    x, qkv_out = add_norm_project(x, branch, lp["attn_norm"], eps, attn["wqkv"], attn.get("bqkv"))
+    nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    a = attend(attn, cfg, *qkv_out.split([nq, nk, nk], dim=-1), cos, sin, **attn_kw)
+    x, act = add_norm_project(x, a, lp["mlp_norm"], eps, mlp["w_gate_up"], gate=True)
+    return x, project(act, mlp["w_down"])
 
 
 def lm_head_weight(params: dict) -> Tensor:

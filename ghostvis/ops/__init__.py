@@ -14,6 +14,7 @@ swiglu_stacked       triton, reference
 swiglu_mlp           unfused (the dispatched pieces), epilogue (Triton matmuls with SwiGLU
                      in their epilogues: only when forced by name), reference
 add_rms_norm         triton, reference
+add_rms_norm_linear  gemv (one row, no gradient), unfused (the dispatched pieces), reference
 rope_into_cache      triton (no gradient), reference
 linear_cross_entropy triton (chunked), chunked (chunked, torch rows), reference
 int8_linear          triton, reference
@@ -45,7 +46,7 @@ Tensor = torch.Tensor
 
 for _name in ("rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention",
               "linear_cross_entropy", "int8_linear", "add_rms_norm", "rope_into_cache", "qkv_rope",
-              "swiglu_stacked", "swiglu_mlp"):
+              "swiglu_stacked", "swiglu_mlp", "add_rms_norm_linear"):
     dispatch.register(_name, "reference", getattr(reference, _name))
 
 try:
@@ -83,7 +84,9 @@ if HAS_TRITON:
             ("add_rms_norm", "triton", fused.add_rms_norm, fused.add_rms_norm_ok, 10),
             ("rope_into_cache", "triton", decode.rope_into_cache, decode.rope_into_cache_ok, 10),
             ("attention", "decode", decode.decode_attention, decode.decode_attention_ok, 25),
-            ("linear", "gemv", decode.linear_gemv, decode.linear_gemv_ok, 10)):
+            ("linear", "gemv", decode.linear_gemv, decode.linear_gemv_ok, 10),
+            ("add_rms_norm_linear", "gemv", decode.add_rms_norm_linear_gemv, decode.add_rms_norm_linear_gemv_ok,
+             10)):
         dispatch.register(_op, _name, _fn, priority=_priority, auto=_triton_auto,
                           supports=_both(_triton_device, _ok))
     # its own backend name, so that forcing every op to "triton" does not pick it
@@ -150,6 +153,32 @@ def swiglu_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, *, backend: Optiona
     return dispatch.call("swiglu_mlp", x, w_gate_up, w_down, backend=backend)
 
 
+def _add_rms_norm_linear_unfused(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor],
+                                 weight: Tensor, eps: float = 1e-6, *, scale: Optional[Tensor] = None,
+                                 bias: Optional[Tensor] = None, gate: bool = False) -> tuple[Tensor, Tensor]:
+    s, h = add_rms_norm(x, residual, norm_weight, eps)
+    y = int8_linear(h, weight, scale, bias) if scale is not None else linear(h, weight, bias)
+    return s, swiglu_stacked(y) if gate else y
+
+
+dispatch.register("add_rms_norm_linear", "unfused", _add_rms_norm_linear_unfused, priority=5)
+
+
+def add_rms_norm_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor], weight: Tensor,
+                        eps: float = 1e-6, *, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                        gate: bool = False, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """``(s, y)``: the residual add and RMSNorm of :func:`add_rms_norm`, then the projection of the
+    normalised row by ``weight`` ``[N, K]`` (INT8 times its per-row ``scale`` when ``scale`` is
+    given) plus ``bias``. With ``gate``, ``weight`` stacks gate rows over up rows and ``y`` is
+    :func:`swiglu_stacked` of the projection, ``[..., N / 2]``.
+
+    A decoding step's one row takes the ``gemv`` backend: all of it in one kernel, where it
+    was three (add + norm, GEMV, SwiGLU). Anything else runs as the dispatched pieces.
+    """
+    return dispatch.call("add_rms_norm_linear", x, residual, norm_weight, weight, eps, scale=scale, bias=bias,
+                         gate=gate, backend=backend)
+
+
 def gelu(x: Tensor, approximate: str = "none", *, backend: Optional[str] = None) -> Tensor:
     """GELU; ``approximate="tanh"`` is SigLIP's ``gelu_pytorch_tanh``."""
     return dispatch.call("gelu", x, approximate, backend=backend)
@@ -212,7 +241,8 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Te
 
 
 __all__ = ["rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention", "linear_cross_entropy",
-           "int8_linear", "add_rms_norm", "rope_into_cache", "qkv_rope", "swiglu_stacked", "swiglu_mlp",
+           "int8_linear", "add_rms_norm", "add_rms_norm_linear", "rope_into_cache", "qkv_rope", "swiglu_stacked",
+           "swiglu_mlp",
            "use", "force", "backends",
            "dispatch", "reference",
            "HAS_TRITON"]

@@ -9,6 +9,9 @@ the residual add and the RMSNorm after it in one kernel, which lives in
   cache at their slots, in one kernel (was: RoPE, then one copy each for k and v).
 - ``linear`` of one row (``gemv``): a Triton GEMV whose narrow strips keep more of the
   weight in flight than cuBLAS does on these small matrices.
+- ``add_rms_norm_linear`` of one row (``gemv``): the residual add, the RMSNorm after it and
+  the projection that reads it (q/k/v, or gate/up with SwiGLU applied to the two halves) in
+  one GEMV kernel, bf16 or INT8 weights: three kernels of a block become one, twice.
 - ``decode_attention``: one query per row against the whole cache under a
   boolean key mask, split along the cache so that every SM has slots to read
   (split-KV), then merged; slots the mask rules out are never read.
@@ -27,7 +30,7 @@ import torch
 import triton
 
 from . import kernels as K
-from .fused import FLOAT_DTYPES, _num_warps, _rope_launch, gemv_launch, rope_ok
+from .fused import FLOAT_DTYPES, _num_warps, _rope_launch, gemv_config, gemv_launch, rope_ok
 
 Tensor = torch.Tensor
 
@@ -183,3 +186,82 @@ def linear_gemv_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
             and 0 < weight.shape[0] <= GEMV_MAX_N and weight.stride(-1) == 1 and x.stride(-1) == 1
             and (bias is None or (bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
             and _no_grad_wanted(x, weight, bias))
+
+
+# ----------------------------------------------------------------------------- add + norm + one-row linear
+
+
+def norm_gemv_config(n: int, k: int, weight_dtype: torch.dtype, gate: bool) -> Optional[tuple[int, int, int]]:
+    """``(BLOCK_N, BLOCK_K, num_warps)`` of :func:`add_rms_norm_gemv_fwd` for ``n`` output rows of an
+    ``[n, k]`` weight (``[2n, k]`` with ``gate``), or None where a program cannot hold its strips whole.
+
+    The strips are :func:`~ghostvis.ops.fused.gemv_config`'s (a gated program holds half as many
+    rows of each half, so the same rows in all); the norm needs the whole row in every program."""
+    rows, bk, warps = gemv_config(2 * n if gate else n, k, weight_dtype)
+    if bk < k:  # wider than a whole strip: try the narrowest one
+        rows, bk = 2, triton.next_power_of_2(k)
+        warps = 8 if rows * bk >= 16384 else 4
+        if rows * bk > 16384:
+            return None
+    return (max(rows // 2, 1) if gate else rows), bk, warps
+
+
+@torch.library.custom_op("ghostvis::add_rms_norm_gemv", mutates_args=())
+def add_rms_norm_gemv_fwd(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor], weight: Tensor,
+                          scale: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                          gate: bool) -> tuple[Tensor, Tensor]:
+    """``(s, y)`` for one row: ``s = x + residual``, ``y = rms_norm(s) @ (weight * scale).T + bias``,
+    with ``gate`` ``silu(y1) * y2`` of ``y``'s two halves, in one kernel (see :func:`add_rms_norm_linear`)."""
+    k = x.shape[-1]
+    n = weight.shape[0] // 2 if gate else weight.shape[0]
+    s = torch.empty_like(x)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    bn, bk, warps = norm_gemv_config(n, k, weight.dtype, gate)
+    K.add_rms_norm_gemv.on(x)[(triton.cdiv(n, bn),)](
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, weight,
+        scale if scale is not None else x, bias if bias is not None else x, s, y, n, k, eps, weight.stride(0),
+        HAS_R=residual is not None, HAS_NW=norm_weight is not None, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None, GATE=gate, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **K.pdl(x))
+    return s, y
+
+
+@add_rms_norm_gemv_fwd.register_fake
+def _(x, residual, norm_weight, weight, scale, bias, eps, gate):
+    n = weight.shape[0] // 2 if gate else weight.shape[0]
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], n))
+
+
+def add_rms_norm_linear_gemv(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor], weight: Tensor,
+                             eps: float = 1e-6, *, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                             gate: bool = False) -> tuple[Tensor, Tensor]:
+    """The ``ops.add_rms_norm_linear`` contract for one row (see :func:`add_rms_norm_linear_gemv_ok`)."""
+    return add_rms_norm_gemv_fwd(x, residual, norm_weight, weight, scale, bias, float(eps), bool(gate))
+
+
+def add_rms_norm_linear_gemv_ok(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor],
+                                weight: Tensor, eps: float = 1e-6, *, scale: Optional[Tensor] = None,
+                                bias: Optional[Tensor] = None, gate: bool = False) -> bool:
+    """One contiguous row; ``residual`` and ``norm_weight`` like it; a ``[N, K]`` weight of ``x``'s
+    dtype, or INT8 with a ``[N]`` ``scale``, N <= ``GEMV_MAX_N`` (even with ``gate``), held whole by a
+    program; no gradient."""
+    if not (x.dim() >= 1 and x.numel() == x.shape[-1] and x.dtype in FLOAT_DTYPES and x.is_contiguous()
+            and weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.stride(-1) == 1):
+        return False
+    n, k = weight.shape
+    if not 0 < n <= GEMV_MAX_N or (gate and n % 2):
+        return False
+    quantized = weight.dtype == torch.int8
+    if quantized != (scale is not None) or not (quantized or weight.dtype == x.dtype):
+        return False
+    if scale is not None and (scale.shape != (n,) or not scale.is_contiguous()):
+        return False
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or not residual.is_contiguous()):
+        return False
+    if norm_weight is not None and (norm_weight.shape != (k,) or not norm_weight.is_contiguous()):
+        return False
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        return False
+    if norm_gemv_config(n // 2 if gate else n, k, weight.dtype, gate) is None:
+        return False
+    return _no_grad_wanted(x, residual, norm_weight, weight, scale, bias)

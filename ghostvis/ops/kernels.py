@@ -539,6 +539,68 @@ def gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, sw_n, sw_k,
     tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=n_ok)
 
 
+@kernel
+def add_rms_norm_gemv(X, R, NW, W, SCALE, BIAS, S, Y, N, K, eps, sw_n,
+                      HAS_R: tl.constexpr, HAS_NW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    # One row (batch-1 decode), three kernels in one: s = x + r (rounded to s's dtype, as the
+    # add + norm kernel stores it; program 0 writes it), h = rms_norm(s) * nw (rounded to the
+    # output dtype, as the norm stores it), y = h @ w.T (times SCALE per row for INT8, plus
+    # BIAS). Every program recomputes the norm of the row, which is cheaper than a launch.
+    # With GATE the weight stacks gate rows [0, N) over up rows [N, 2N): a program holds the
+    # matching strips of both and writes y = silu(gate) * up (each rounded first, as the
+    # projection stores them). Strips are held whole (BLOCK_K >= K) and load before the wait.
+    pid = tl.program_id(0)
+    rn = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    k_ok = rk < K
+    w_mask = n_ok[:, None] & k_ok[None, :]
+    if PDL:
+        gdc_launch_dependents()
+    w = tl.load(W + rn[:, None] * sw_n + rk[None, :], mask=w_mask, other=0)
+    if GATE:
+        w_up = tl.load(W + (rn + N)[:, None] * sw_n + rk[None, :], mask=w_mask, other=0)
+    if HAS_SCALE:
+        scale = tl.load(SCALE + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if GATE:
+            scale_up = tl.load(SCALE + N + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if GATE:
+            bias_up = tl.load(BIAS + N + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_NW:
+        nw = tl.load(NW + rk, mask=k_ok, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
+    x = tl.load(X + rk, mask=k_ok, other=0.0)
+    if HAS_R:
+        r = tl.load(R + rk, mask=k_ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+    if pid == 0:
+        tl.store(S + rk, x.to(S.dtype.element_ty), mask=k_ok)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+    h = xf * rstd
+    if HAS_NW:
+        h = h * nw
+    h = h.to(Y.dtype.element_ty).to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    if HAS_SCALE:
+        y = y * scale
+    if HAS_BIAS:
+        y += bias
+    if GATE:
+        up = tl.sum(w_up.to(tl.float32) * h[None, :], axis=1)
+        if HAS_SCALE:
+            up = up * scale_up
+        if HAS_BIAS:
+            up += bias_up
+        g = y.to(Y.dtype.element_ty).to(tl.float32)
+        y = g * tl.sigmoid(g) * up.to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=n_ok)
+
+
 # ----------------------------------------------------------------------------- SwiGLU inside the MLP matmuls
 # Tiled matmuls whose epilogue does SwiGLU's work, so that neither the gated product (forward)
 # nor its gradient (backward) crosses memory on its own. The operands come in through tensor

@@ -101,6 +101,20 @@ def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
     return s, rms_norm(s, weight, eps)
 
 
+def add_rms_norm_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor], weight: Tensor,
+                        eps: float = 1e-6, *, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                        gate: bool = False) -> tuple[Tensor, Tensor]:
+    """``(s, y)``: ``s, h = add_rms_norm(x, residual, norm_weight, eps)`` and ``y`` the projection of
+    ``h`` by ``weight`` (INT8 times ``scale`` when given), plus ``bias``; with ``gate``,
+    ``swiglu_stacked`` of it (``weight`` stacks the gate rows over the up rows).
+
+    A block's residual add, the norm and the projection reading it, as one op.
+    """
+    s, h = add_rms_norm(x, residual, norm_weight, eps)
+    y = int8_linear(h, weight, scale, bias) if scale is not None else linear(h, weight, bias)
+    return s, swiglu_stacked(y) if gate else y
+
+
 def rope_into_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
                     slots: Tensor) -> Tensor:
     """RoPE on q and k, then k and v written into a KV cache; returns the rotated q.
