@@ -218,18 +218,22 @@ def main(args: BenchDecode) -> list[dict]:
             quantized = gv.quantize(params, "int8")
         p = quantized if int8 else params
         compile = row in ("bf16", "int8", "bf16-inductor", "bf16-unfused", "bf16-no-pdl", "int8-no-pdl",
-                          "bf16-norm-apart", "int8-norm-apart")
+                          "bf16-norm-apart", "int8-norm-apart", "bf16-rope-apart", "int8-rope-apart")
         generate_mod.DECODE_PDL = not row.endswith("-no-pdl")
         generate_mod.release_decode_session()
         generate_mod.COMPILED_DECODE_OPS.clear()
+        if row.endswith("-rope-apart"):
+            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_qkv_cache="unfused")
         if row.endswith("-norm-apart"):
-            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="unfused")
+            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="unfused", add_rms_norm_qkv_cache="unfused")
         if row == "bf16-unfused":  # the step as it was before the decode kernels
-            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="unfused", attention="sdpa",
+            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="unfused", add_rms_norm_qkv_cache="unfused",
+                                                    attention="sdpa",
                                                     add_rms_norm="reference", rope_into_cache="reference",
                                                     linear="reference")
         if row == "bf16-inductor":  # the elementwise ops and attention as plain torch, for inductor to fuse
-            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="reference", rms_norm="reference",
+            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="reference",
+                                                    add_rms_norm_qkv_cache="reference", rms_norm="reference",
                                                     swiglu="reference", rope="reference",
                                                     attention="reference", add_rms_norm="reference",
                                                     rope_into_cache="reference")

@@ -228,6 +228,7 @@ def test_generation_on_the_decode_kernels_equals_the_uncached_reference(monkeypa
     assert ("add_rms_norm_linear", "unfused") in seen  # the prefill's rows
     assert [generate(params, cfg, [p], max_new_tokens=5, compile=True)[0] for p in prompts] == ref
     assert ("add_rms_norm_linear", "gemv") in seen  # a one-row decoding step
+    assert (("add_rms_norm_qkv_cache", "gemv") in seen) == (not qwen)  # q/k norm sits between q/k/v and RoPE
     monkeypatch.setattr(dispatch, "call", real_call)
 
 
@@ -334,3 +335,86 @@ def test_add_rms_norm_linear_takes_the_gemv_only_for_one_row_without_gradients(m
     assert dispatch.choose("add_rms_norm_linear", x, x, nw.requires_grad_(), w, 1e-6).name == "unfused"
     with pytest.raises(RuntimeError, match="cannot run"):
         ops.add_rms_norm_linear(x.expand(1, 2, 64).contiguous(), None, nw.detach(), w, backend="gemv")
+
+
+def _qkv_cache_case(device, dtype, hk, group, d, k, n_slots, seed, int8=False, has_bias=False):
+    hq = hk * group
+    rows = (hq + 2 * hk) * d
+    x = make((1, 1, k), device, dtype, seed=seed)
+    r = make((1, 1, k), device, dtype, seed=seed + 1)
+    nw = make((k,), device, dtype, seed=seed + 2)
+    w = make((rows, k), device, dtype, seed=seed + 3, scale=k ** -0.5)
+    scale = None
+    if int8:
+        w = torch.randint(-127, 128, (rows, k), generator=torch.Generator().manual_seed(seed)).to(device, torch.int8)
+        scale = make((rows,), device, dtype, seed=seed + 4, scale=0.01 * k ** -0.5)
+    bias = make((rows,), device, dtype, seed=seed + 5) if has_bias else None
+    pos = torch.tensor([[seed % 50]], device=device)
+    cos, sin = _rope_tables(d, pos)
+    caches = [make((1, hk, n_slots, d), device, dtype, seed=seed + 6 + i) for i in range(2)]
+    return x, r, nw, w, scale, bias, cos, sin, caches
+
+
+def _rope_tables(d, pos):
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d))
+    emb = torch.cat([pos.float()[..., None] * inv] * 2, dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@budget
+@given(hk=st.integers(1, 2), group=st.sampled_from([1, 2, 3]), d=st.sampled_from([2, 16, 32]),
+       k=st.sampled_from([7, 32, 100]), n_slots=st.integers(1, 12), slot=st.integers(-1, 12), int8=st.booleans(),
+       has_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_add_rms_norm_qkv_cache_matches_the_reference(device, dtype, hk, group, d, k, n_slots, slot, int8, has_bias,
+                                                      seed):
+    """Add, norm, the q/k/v projection, RoPE and the cache writes in one kernel, against the same
+    steps in float64: q, the cache column at the slot, and every other column (and every column
+    when the slot is outside the cache) left as it was."""
+    skip_without(device)
+    x, r, nw, w, scale, bias, cos, sin, (kb, vb) = _qkv_cache_case(device, dtype, hk, group, d, k, n_slots, seed,
+                                                                   int8, has_bias)
+    slots = torch.tensor([slot], device=device)
+    kb0, vb0 = kb.clone(), vb.clone()
+    with torch.no_grad():
+        s, q = ops.add_rms_norm_qkv_cache(x, r, nw, w, 1e-6, cos, sin, kb, vb, slots, scale=scale, bias=bias,
+                                          backend="gemv")
+    c64 = lambda t: None if t is None else t.double().cpu()  # noqa: E731
+    kb64, vb64 = c64(kb0), c64(vb0)
+    s64, q64 = ops.reference.add_rms_norm_qkv_cache(  # (the reference takes slots inside the cache only)
+        c64(x), c64(r), c64(nw), c64(w), 1e-6, c64(cos), c64(sin), kb64, vb64, slots.cpu().clamp(0, n_slots - 1),
+        scale=c64(scale), bias=c64(bias))
+    assert torch.equal(s, (x.double() + r.double()).to(dtype))
+    tol = TOL[dtype] * (4 if int8 else 1)
+    assert q.shape == (1, hk * group, 1, d) and rel_err(q, q64) < tol
+    inside = 0 <= slot < n_slots
+    others = [i for i in range(n_slots) if i != slot]
+    assert torch.equal(kb[:, :, others], kb0[:, :, others]) and torch.equal(vb[:, :, others], vb0[:, :, others])
+    if inside:
+        assert rel_err(kb[:, :, slot], kb64[:, :, slot]) < tol and rel_err(vb[:, :, slot], vb64[:, :, slot]) < tol
+
+
+def test_add_rms_norm_qkv_cache_backends_agree_and_pick(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, r, nw, w, _, bias, cos, sin, (kb, vb) = _qkv_cache_case("cpu", torch.float16, 2, 2, 16, 48, 8, 3,
+                                                               has_bias=True)
+    slots = torch.tensor([5])
+    outs = {}
+    with torch.no_grad():
+        assert dispatch.choose("add_rms_norm_qkv_cache", x, r, nw, w, 1e-6, cos, sin, kb, vb, slots,
+                               bias=bias).name == "gemv"
+        # two rows: the dispatched pieces
+        x2 = x.expand(1, 2, 48).contiguous()
+        assert dispatch.choose("add_rms_norm_qkv_cache", x2, None, nw, w, 1e-6, cos, sin, kb, vb, slots,
+                               bias=bias).name == "unfused"
+        for name in ("gemv", "unfused", "reference"):
+            k_copy, v_copy = kb.clone(), vb.clone()
+            s, q = ops.add_rms_norm_qkv_cache(x, r, nw, w, 1e-6, cos, sin, k_copy, v_copy, slots, bias=bias,
+                                              backend=name)
+            outs[name] = (s, q, k_copy, v_copy)
+    for name in ("unfused", "reference"):
+        assert torch.equal(outs[name][0], outs["gemv"][0])
+        for a, b in zip(outs[name][1:], outs["gemv"][1:]):
+            assert rel_err(a, b) < TOL[torch.float16]
+    assert dispatch.choose("add_rms_norm_qkv_cache", x, r, nw.requires_grad_(), w, 1e-6, cos, sin, kb, vb,
+                           slots).name == "unfused"

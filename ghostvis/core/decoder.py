@@ -249,24 +249,38 @@ def fused_blocks(params: dict, cfg: TextConfig, x: Tensor, cos: Tensor, sin: Ten
     return ops.add_rms_norm(x, branch, params["norm"], eps)[1]
 
 
+def _weight_and_scale(w) -> tuple[Tensor, Optional[Tensor]]:
+    """A projection weight as :func:`project` takes it (a tensor, or an INT8 dict) as ``(weight, scale)``."""
+    return (w["q"], w["scale"]) if isinstance(w, dict) else (w, None)
+
+
 def add_norm_project(x: Tensor, branch: Optional[Tensor], norm_weight: Tensor, eps: float, w,
                      b: Optional[Tensor] = None, *, gate: bool = False) -> tuple[Tensor, Tensor]:
     """``ops.add_rms_norm_linear`` for a weight as :func:`project` takes it (a tensor or an INT8 dict)."""
-    if isinstance(w, dict):
-        return ops.add_rms_norm_linear(x, branch, norm_weight, w["q"], eps, scale=w["scale"], bias=b, gate=gate)
-    return ops.add_rms_norm_linear(x, branch, norm_weight, w, eps, bias=b, gate=gate)
+    weight, scale = _weight_and_scale(w)
+    return ops.add_rms_norm_linear(x, branch, norm_weight, weight, eps, scale=scale, bias=b, gate=gate)
 
 
 def _cached_stacked_block(lp: dict, cfg: TextConfig, x: Tensor, branch: Optional[Tensor], cos: Tensor,
-                          sin: Tensor, **attn_kw) -> tuple[Tensor, Tensor]:
+                          sin: Tensor, *, kv_cache: tuple[Tensor, Tensor], cache_pos: Tensor,
+                          attn_mask: Tensor) -> tuple[Tensor, Tensor]:
     """One block of :func:`fused_blocks` with a KV cache and stacked projections: returns the
-    residual stream and the MLP's output. Each norm goes with the projection that reads it
-    (``ops.add_rms_norm_linear``), and SwiGLU with the gate/up projection, so that a decoding
-    step's one row runs each as one kernel. Other shapes run the same pieces as the loop."""
+    residual stream and the MLP's output. Each norm goes with the projection that reads it:
+    ``ops.add_rms_norm_qkv_cache`` (add, norm, q/k/v, RoPE and the cache writes; without
+    qk-norm) and ``ops.add_rms_norm_linear`` (add, norm, gate/up and SwiGLU), so that a
+    decoding step's one row runs each as one kernel. Other shapes run the same pieces as the loop."""
     eps, attn, mlp = cfg.norm_eps, lp["attn"], lp["mlp"]
-    x, qkv_out = add_norm_project(x, branch, lp["attn_norm"], eps, attn["wqkv"], attn.get("bqkv"))
-    nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    a = attend(attn, cfg, *qkv_out.split([nq, nk, nk], dim=-1), cos, sin, **attn_kw)
+    if cfg.qk_norm:
+        x, qkv_out = add_norm_project(x, branch, lp["attn_norm"], eps, attn["wqkv"], attn.get("bqkv"))
+        nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        a = attend(attn, cfg, *qkv_out.split([nq, nk, nk], dim=-1), cos, sin, kv_cache=kv_cache,
+                   cache_pos=cache_pos, attn_mask=attn_mask)
+    else:
+        weight, scale = _weight_and_scale(attn["wqkv"])
+        k_buf, v_buf = kv_cache
+        x, q = ops.add_rms_norm_qkv_cache(x, branch, lp["attn_norm"], weight, eps, cos, sin, k_buf, v_buf,
+                                          cache_pos, scale=scale, bias=attn.get("bqkv"))
+        a = _merge_heads(attn, cfg, ops.attention(q, k_buf, v_buf, causal=False, mask=attn_mask))
     x, act = add_norm_project(x, a, lp["mlp_norm"], eps, mlp["w_gate_up"], gate=True)
     return x, project(act, mlp["w_down"])
 

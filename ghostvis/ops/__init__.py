@@ -15,6 +15,7 @@ swiglu_mlp           unfused (the dispatched pieces), epilogue (Triton matmuls w
                      in their epilogues: only when forced by name), reference
 add_rms_norm         triton, reference
 add_rms_norm_linear  gemv (one row, no gradient), unfused (the dispatched pieces), reference
+add_rms_norm_qkv_cache gemv (one row, no gradient), unfused (the dispatched pieces), reference
 rope_into_cache      triton (no gradient), reference
 linear_cross_entropy triton (chunked), chunked (chunked, torch rows), reference
 int8_linear          triton, reference
@@ -46,7 +47,7 @@ Tensor = torch.Tensor
 
 for _name in ("rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention",
               "linear_cross_entropy", "int8_linear", "add_rms_norm", "rope_into_cache", "qkv_rope",
-              "swiglu_stacked", "swiglu_mlp", "add_rms_norm_linear"):
+              "swiglu_stacked", "swiglu_mlp", "add_rms_norm_linear", "add_rms_norm_qkv_cache"):
     dispatch.register(_name, "reference", getattr(reference, _name))
 
 try:
@@ -86,7 +87,9 @@ if HAS_TRITON:
             ("attention", "decode", decode.decode_attention, decode.decode_attention_ok, 25),
             ("linear", "gemv", decode.linear_gemv, decode.linear_gemv_ok, 10),
             ("add_rms_norm_linear", "gemv", decode.add_rms_norm_linear_gemv, decode.add_rms_norm_linear_gemv_ok,
-             10)):
+             10),
+            ("add_rms_norm_qkv_cache", "gemv", decode.add_rms_norm_qkv_cache_gemv,
+             decode.add_rms_norm_qkv_cache_gemv_ok, 10)):
         dispatch.register(_op, _name, _fn, priority=_priority, auto=_triton_auto,
                           supports=_both(_triton_device, _ok))
     # its own backend name, so that forcing every op to "triton" does not pick it
@@ -179,6 +182,33 @@ def add_rms_norm_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Opti
                          gate=gate, backend=backend)
 
 
+def _add_rms_norm_qkv_cache_unfused(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor],
+                                    weight: Tensor, eps: float, cos: Tensor, sin: Tensor, k_buf: Tensor,
+                                    v_buf: Tensor, slots: Tensor, *, scale: Optional[Tensor] = None,
+                                    bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    s, qkv = add_rms_norm_linear(x, residual, norm_weight, weight, eps, scale=scale, bias=bias)
+    q, k, v = reference.split_qkv(qkv, k_buf.shape[1], k_buf.shape[3])
+    return s, rope_into_cache(q, k, v, cos, sin, k_buf, v_buf, slots)
+
+
+dispatch.register("add_rms_norm_qkv_cache", "unfused", _add_rms_norm_qkv_cache_unfused, priority=5)
+
+
+def add_rms_norm_qkv_cache(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor], weight: Tensor,
+                           eps: float, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor, slots: Tensor, *,
+                           scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                           backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """``(s, q)``: :func:`add_rms_norm_linear` by a stacked q/k/v ``weight`` ``[(Hq + 2 Hkv) D, K]``
+    (INT8 with ``scale``), then :func:`rope_into_cache`: q ``[B, Hq, T, D]`` rotated, k rotated
+    and v written into ``k_buf`` / ``v_buf`` ``[B, Hkv, S, D]`` at ``slots``, in place.
+
+    A decoding step's one row takes the ``gemv`` backend: add, norm, projection, RoPE and the
+    cache writes in one kernel. Anything else runs as the dispatched pieces.
+    """
+    return dispatch.call("add_rms_norm_qkv_cache", x, residual, norm_weight, weight, eps, cos, sin, k_buf, v_buf,
+                         slots, scale=scale, bias=bias, backend=backend)
+
+
 def gelu(x: Tensor, approximate: str = "none", *, backend: Optional[str] = None) -> Tensor:
     """GELU; ``approximate="tanh"`` is SigLIP's ``gelu_pytorch_tanh``."""
     return dispatch.call("gelu", x, approximate, backend=backend)
@@ -241,7 +271,8 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Te
 
 
 __all__ = ["rms_norm", "layer_norm", "swiglu", "gelu", "linear", "rope", "attention", "linear_cross_entropy",
-           "int8_linear", "add_rms_norm", "add_rms_norm_linear", "rope_into_cache", "qkv_rope", "swiglu_stacked",
+           "int8_linear", "add_rms_norm", "add_rms_norm_linear",
+           "add_rms_norm_qkv_cache", "rope_into_cache", "qkv_rope", "swiglu_stacked",
            "swiglu_mlp",
            "use", "force", "backends",
            "dispatch", "reference",

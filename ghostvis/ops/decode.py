@@ -12,6 +12,8 @@ the residual add and the RMSNorm after it in one kernel, which lives in
 - ``add_rms_norm_linear`` of one row (``gemv``): the residual add, the RMSNorm after it and
   the projection that reads it (q/k/v, or gate/up with SwiGLU applied to the two halves) in
   one GEMV kernel, bf16 or INT8 weights: three kernels of a block become one, twice.
+- ``add_rms_norm_qkv_cache`` of one row (``gemv``): the same for the q/k/v projection, whose
+  epilogue is ``rope_into_cache``'s (RoPE of q and k, k and v written into the cache).
 - ``decode_attention``: one query per row against the whole cache under a
   boolean key mask, split along the cache so that every SM has slots to read
   (split-KV), then merged; slots the mask rules out are never read.
@@ -265,3 +267,63 @@ def add_rms_norm_linear_gemv_ok(x: Tensor, residual: Optional[Tensor], norm_weig
     if norm_gemv_config(n // 2 if gate else n, k, weight.dtype, gate) is None:
         return False
     return _no_grad_wanted(x, residual, norm_weight, weight, scale, bias)
+
+
+# ----------------------------------------------------------------------------- add + norm + q/k/v + RoPE + cache
+
+
+@torch.library.custom_op("ghostvis::add_rms_norm_qkv_cache", mutates_args=("k_buf", "v_buf"))
+def add_rms_norm_qkv_cache_fwd(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor], weight: Tensor,
+                               scale: Optional[Tensor], bias: Optional[Tensor], eps: float, cos: Tensor,
+                               sin: Tensor, k_buf: Tensor, v_buf: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s, q)`` of :func:`ghostvis.ops.reference.add_rms_norm_qkv_cache` for one row, in one kernel."""
+    k = x.shape[-1]
+    hk, d = k_buf.shape[1], k_buf.shape[3]
+    hq = weight.shape[0] // d - 2 * hk
+    s = torch.empty_like(x)
+    q = torch.empty((1, hq, 1, d), dtype=x.dtype, device=x.device)
+    pairs = weight.shape[0] // 2
+    bn, bk, warps = norm_gemv_config(pairs, k, weight.dtype, True)
+    K.add_rms_norm_qkv_cache.on(x)[(triton.cdiv(pairs, bn),)](
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, weight,
+        scale if scale is not None else x, bias if bias is not None else x, s, q, cos, sin, k_buf, v_buf, slots,
+        pairs, k, eps, weight.stride(0), hq, hk, k_buf.shape[2], k_buf.stride(1), k_buf.stride(2),
+        v_buf.stride(1), v_buf.stride(2),
+        HAS_R=residual is not None, HAS_NW=norm_weight is not None, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None, HALF=d // 2, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **K.pdl(x))
+    return s, q
+
+
+@add_rms_norm_qkv_cache_fwd.register_fake
+def _(x, residual, norm_weight, weight, scale, bias, eps, cos, sin, k_buf, v_buf, slots):
+    hk, d = k_buf.shape[1], k_buf.shape[3]
+    return torch.empty_like(x), x.new_empty((1, weight.shape[0] // d - 2 * hk, 1, d))
+
+
+def add_rms_norm_qkv_cache_gemv(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor], weight: Tensor,
+                                eps: float, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor, slots: Tensor, *,
+                                scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The ``ops.add_rms_norm_qkv_cache`` contract for one row (see :func:`add_rms_norm_qkv_cache_gemv_ok`)."""
+    return add_rms_norm_qkv_cache_fwd(x, residual, norm_weight, weight, scale, bias, float(eps), cos, sin,
+                                      k_buf, v_buf, slots)
+
+
+def add_rms_norm_qkv_cache_gemv_ok(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor],
+                                   weight: Tensor, eps: float, cos: Tensor, sin: Tensor, k_buf: Tensor,
+                                   v_buf: Tensor, slots: Tensor, *, scale: Optional[Tensor] = None,
+                                   bias: Optional[Tensor] = None) -> bool:
+    """What :func:`add_rms_norm_linear_gemv_ok` takes, for a ``[(Hq + 2 Hkv) D, K]`` weight, with a
+    ``[1, Hkv, S, D]`` cache of ``x``'s dtype (even ``D``, unit stride along it), contiguous
+    ``cos`` / ``sin`` of ``D`` values for the one position, and one slot."""
+    if not add_rms_norm_linear_gemv_ok(x, residual, norm_weight, weight, eps, scale=scale, bias=bias, gate=True):
+        return False
+    if k_buf.dim() != 4 or k_buf.shape != v_buf.shape or k_buf.shape[0] != 1:
+        return False
+    hk, d = k_buf.shape[1], k_buf.shape[3]
+    n = weight.shape[0]
+    return (d % 2 == 0 and hk > 0 and n % d == 0 and n // d > 2 * hk
+            and k_buf.dtype == x.dtype and v_buf.dtype == x.dtype
+            and k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1
+            and cos.numel() == d and sin.numel() == d and cos.is_contiguous() and sin.is_contiguous()
+            and cos.dtype == torch.float32 and sin.dtype == torch.float32
+            and slots.numel() == 1 and slots.dtype in (torch.int32, torch.int64))

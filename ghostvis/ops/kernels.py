@@ -539,17 +539,55 @@ def gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, sw_n, sw_k,
     tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _add_norm_row(X, R, NW, S, K, eps, rk, k_ok, nw, HAS_R: tl.constexpr, HAS_NW: tl.constexpr,
+                  OUT_TY: tl.constexpr):
+    # s = x + r (rounded to s's dtype, as the add + norm kernel stores it; program 0 writes it)
+    # and rms_norm(s) * nw rounded to OUT_TY (as the norm stores it), returned in float32
+    x = tl.load(X + rk, mask=k_ok, other=0.0)
+    if HAS_R:
+        r = tl.load(R + rk, mask=k_ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+    if tl.program_id(0) == 0:
+        tl.store(S + rk, x.to(S.dtype.element_ty), mask=k_ok)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+    h = xf * rstd
+    if HAS_NW:
+        h = h * nw
+    return h.to(OUT_TY).to(tl.float32)
+
+
+@triton.jit
+def _norm_weight(NW, rk, k_ok, HAS_NW: tl.constexpr):
+    if HAS_NW:
+        nw = tl.load(NW + rk, mask=k_ok, other=0.0).to(tl.float32)
+    else:
+        nw = tl.full(rk.shape, 1.0, tl.float32)
+    return nw
+
+
+@triton.jit
+def _strip_dot(W, rows, row_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # (w[rows] @ h) * scale[rows] + bias[rows] for a strip of whole weight rows already loaded as W
+    y = tl.sum(W.to(tl.float32) * h[None, :], axis=1)
+    if HAS_SCALE:
+        y = y * tl.load(SCALE + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(BIAS + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return y
+
+
 @kernel
 def add_rms_norm_gemv(X, R, NW, W, SCALE, BIAS, S, Y, N, K, eps, sw_n,
                       HAS_R: tl.constexpr, HAS_NW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    # One row (batch-1 decode), three kernels in one: s = x + r (rounded to s's dtype, as the
-    # add + norm kernel stores it; program 0 writes it), h = rms_norm(s) * nw (rounded to the
-    # output dtype, as the norm stores it), y = h @ w.T (times SCALE per row for INT8, plus
-    # BIAS). Every program recomputes the norm of the row, which is cheaper than a launch.
-    # With GATE the weight stacks gate rows [0, N) over up rows [N, 2N): a program holds the
-    # matching strips of both and writes y = silu(gate) * up (each rounded first, as the
-    # projection stores them). Strips are held whole (BLOCK_K >= K) and load before the wait.
+    # One row (batch-1 decode), three kernels in one: s = x + r, h = rms_norm(s) * nw, and
+    # y = h @ w.T (times SCALE per row for INT8, plus BIAS). Every program recomputes the norm
+    # of the row, which is cheaper than a launch. With GATE the weight stacks gate rows
+    # [0, N) over up rows [N, 2N): a program holds the matching strips of both and writes
+    # y = silu(gate) * up (each rounded first, as the projection stores them). Strips are held
+    # whole (BLOCK_K >= K) and load before the wait (PDL).
     pid = tl.program_id(0)
     rn = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
@@ -561,44 +599,73 @@ def add_rms_norm_gemv(X, R, NW, W, SCALE, BIAS, S, Y, N, K, eps, sw_n,
     w = tl.load(W + rn[:, None] * sw_n + rk[None, :], mask=w_mask, other=0)
     if GATE:
         w_up = tl.load(W + (rn + N)[:, None] * sw_n + rk[None, :], mask=w_mask, other=0)
-    if HAS_SCALE:
-        scale = tl.load(SCALE + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if GATE:
-            scale_up = tl.load(SCALE + N + rn, mask=n_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if GATE:
-            bias_up = tl.load(BIAS + N + rn, mask=n_ok, other=0.0).to(tl.float32)
-    if HAS_NW:
-        nw = tl.load(NW + rk, mask=k_ok, other=0.0).to(tl.float32)
+    nw = _norm_weight(NW, rk, k_ok, HAS_NW)
     if PDL:
         gdc_wait()
-    x = tl.load(X + rk, mask=k_ok, other=0.0)
-    if HAS_R:
-        r = tl.load(R + rk, mask=k_ok, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
-    if pid == 0:
-        tl.store(S + rk, x.to(S.dtype.element_ty), mask=k_ok)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
-    h = xf * rstd
-    if HAS_NW:
-        h = h * nw
-    h = h.to(Y.dtype.element_ty).to(tl.float32)
-    y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
-    if HAS_SCALE:
-        y = y * scale
-    if HAS_BIAS:
-        y += bias
+    h = _add_norm_row(X, R, NW, S, K, eps, rk, k_ok, nw, HAS_R, HAS_NW, Y.dtype.element_ty)
+    y = _strip_dot(w, rn, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
     if GATE:
-        up = tl.sum(w_up.to(tl.float32) * h[None, :], axis=1)
-        if HAS_SCALE:
-            up = up * scale_up
-        if HAS_BIAS:
-            up += bias_up
+        up = _strip_dot(w_up, rn + N, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
         g = y.to(Y.dtype.element_ty).to(tl.float32)
         y = g * tl.sigmoid(g) * up.to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=n_ok)
+
+
+@kernel
+def add_rms_norm_qkv_cache(X, R, NW, W, SCALE, BIAS, S, Q, COS, SIN, KB, VB, SLOT, N, K, eps, sw_n,
+                           HQ, HK, n_slots, skb_h, skb_s, svb_h, svb_s,
+                           HAS_R: tl.constexpr, HAS_NW: tl.constexpr, HAS_SCALE: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    # add_rms_norm_gemv for a stacked q/k/v projection whose epilogue is rope_into_cache's:
+    # program p holds BLOCK_N of the N = (HQ + 2 HK) * HALF pairs of rows (d, d + HALF) of a
+    # head, rotates the q and k pairs by the angles of the one position (COS/SIN [2 HALF]),
+    # writes q to Q ([HQ, 2 HALF]) and k and v to column SLOT[0] of the cache buffers (not
+    # at all when the slot is outside [0, n_slots), as rope_into_cache does).
+    pid = tl.program_id(0)
+    pair = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    head = pair // HALF
+    d = pair % HALF
+    row1 = head * (2 * HALF) + d
+    row2 = row1 + HALF
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = pair < N
+    k_ok = rk < K
+    w_mask = n_ok[:, None] & k_ok[None, :]
+    if PDL:
+        gdc_launch_dependents()
+    w1 = tl.load(W + row1[:, None] * sw_n + rk[None, :], mask=w_mask, other=0)
+    w2 = tl.load(W + row2[:, None] * sw_n + rk[None, :], mask=w_mask, other=0)
+    nw = _norm_weight(NW, rk, k_ok, HAS_NW)
+    c1 = tl.load(COS + d, mask=n_ok, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + HALF + d, mask=n_ok, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + d, mask=n_ok, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + HALF + d, mask=n_ok, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
+    h = _add_norm_row(X, R, NW, S, K, eps, rk, k_ok, nw, HAS_R, HAS_NW, Q.dtype.element_ty)
+    x1 = _strip_dot(w1, row1, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
+    x2 = _strip_dot(w2, row2, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
+    x1 = x1.to(Q.dtype.element_ty).to(tl.float32)  # as the projection stores them
+    x2 = x2.to(Q.dtype.element_ty).to(tl.float32)
+    rotate = head < HQ + HK
+    o1 = tl.where(rotate, x1 * c1 - x2 * s1, x1)
+    o2 = tl.where(rotate, x2 * c2 + x1 * s2, x2)
+    is_q = n_ok & (head < HQ)
+    tl.store(Q + row1, o1.to(Q.dtype.element_ty), mask=is_q)
+    tl.store(Q + row2, o2.to(Q.dtype.element_ty), mask=is_q)
+    slot = tl.load(SLOT).to(tl.int64)
+    last = tl.where((slot >= 0) & (slot < n_slots), HQ + 2 * HK, HQ)  # no k/v head when the slot is outside
+    slot = tl.where((slot >= 0) & (slot < n_slots), slot, 0)
+    in_cache = n_ok & (head >= HQ) & (head < last)
+    is_k = in_cache & (head < HQ + HK)
+    is_v = in_cache & (head >= HQ + HK)
+    k_at = KB + (head - HQ) * skb_h + slot * skb_s + d
+    v_at = VB + (head - HQ - HK) * svb_h + slot * svb_s + d
+    tl.store(k_at, o1.to(KB.dtype.element_ty), mask=is_k)
+    tl.store(k_at + HALF, o2.to(KB.dtype.element_ty), mask=is_k)
+    tl.store(v_at, o1.to(VB.dtype.element_ty), mask=is_v)
+    tl.store(v_at + HALF, o2.to(VB.dtype.element_ty), mask=is_v)
 
 
 # ----------------------------------------------------------------------------- SwiGLU inside the MLP matmuls

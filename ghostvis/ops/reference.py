@@ -115,6 +115,25 @@ def add_rms_norm_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Opti
     return s, swiglu_stacked(y) if gate else y
 
 
+def add_rms_norm_qkv_cache(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor], weight: Tensor,
+                           eps: float, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor, slots: Tensor, *,
+                           scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(s, q)``: :func:`add_rms_norm_linear` with a stacked q/k/v ``weight`` (heads as ``k_buf``'s),
+    then :func:`rope_into_cache` of its q, k and v; ``q`` ``[B, Hq, T, D]``, k and v written into
+    ``k_buf`` / ``v_buf`` at ``slots``. A decoding block's attention input, as one op."""
+    s, qkv = add_rms_norm_linear(x, residual, norm_weight, weight, eps, scale=scale, bias=bias)
+    q, k, v = split_qkv(qkv, k_buf.shape[1], k_buf.shape[3])
+    return s, rope_into_cache(q, k, v, cos, sin, k_buf, v_buf, slots)
+
+
+def split_qkv(qkv: Tensor, n_kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (views) of a stacked projection ``[B, T, (Hq + 2 Hkv) D]``."""
+    b, t, width = qkv.shape
+    heads = qkv.view(b, t, width // head_dim, head_dim).transpose(1, 2)
+    n_heads = width // head_dim - 2 * n_kv_heads
+    return heads[:, :n_heads], heads[:, n_heads:n_heads + n_kv_heads], heads[:, n_heads + n_kv_heads:]
+
+
 def rope_into_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
                     slots: Tensor) -> Tensor:
     """RoPE on q and k, then k and v written into a KV cache; returns the rotated q.
