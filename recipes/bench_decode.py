@@ -39,7 +39,10 @@ class BenchDecode:
     """Which to run: bf16 / int8 (compiled step), bf16-unfused (compiled, without the decode kernels of
     ``ghostvis.ops.decode``: SDPA, residual adds left to inductor, RoPE then cache copies, cuBLAS GEMVs), bf16-inductor
     (compiled, every elementwise op and attention as plain torch), bf16-eager / int8-eager (eager ops
-    captured), bf16-no-pdl / int8-no-pdl (compiled, captured without programmatic dependent launch), plain, hf."""
+    captured), bf16-no-pdl / int8-no-pdl (compiled, captured without programmatic dependent launch),
+    bf16-norm-apart / int8-norm-apart (compiled, each add + norm, projection, RoPE + cache write and SwiGLU as
+    separate kernels, as before ``ops.add_rms_norm_linear`` and ``ops.add_rms_norm_qkv_cache``), bf16-rope-apart /
+    int8-rope-apart (compiled, RoPE and the cache writes apart from the q/k/v projection), plain, hf."""
     profile: bool = False
     """Profile one decode step per GhostVis row (GPU time per kernel category)."""
     reuse: bool = True
@@ -232,8 +235,8 @@ def main(args: BenchDecode) -> list[dict]:
                                                     add_rms_norm="reference", rope_into_cache="reference",
                                                     linear="reference")
         if row == "bf16-inductor":  # the elementwise ops and attention as plain torch, for inductor to fuse
-            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="reference",
-                                                    add_rms_norm_qkv_cache="reference", rms_norm="reference",
+            generate_mod.COMPILED_DECODE_OPS.update(add_rms_norm_linear="unfused",
+                                                    add_rms_norm_qkv_cache="unfused", rms_norm="reference",
                                                     swiglu="reference", rope="reference",
                                                     attention="reference", add_rms_norm="reference",
                                                     rope_into_cache="reference")

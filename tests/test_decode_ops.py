@@ -418,3 +418,28 @@ def test_add_rms_norm_qkv_cache_backends_agree_and_pick(monkeypatch):
             assert rel_err(a, b) < TOL[torch.float16]
     assert dispatch.choose("add_rms_norm_qkv_cache", x, r, nw.requires_grad_(), w, 1e-6, cos, sin, kb, vb,
                            slots).name == "unfused"
+
+
+@pytest.mark.parametrize("rows_per_program", [2, 4, 8])
+def test_fused_gemvs_with_programs_of_several_rows(rows_per_program, monkeypatch):
+    """Programs holding several rows (as the INT8 gate/up at d20 does), whose row pairs straddle
+    heads (head dim 10: five pairs a head), against the dispatched pieces: q and the cache
+    column for the q/k/v op, and SwiGLU's output for the gated one."""
+    from ghostvis.ops import decode
+
+    skip_without("cpu")
+    monkeypatch.setattr(decode, "norm_gemv_config", lambda n, k, dtype, gate: (rows_per_program, 64, 4))
+    for int8 in (False, True):
+        x, r, nw, w, scale, bias, cos, sin, (kb, vb) = _qkv_cache_case("cpu", torch.float32, 2, 2, 10, 48, 6, 7,
+                                                                       int8, has_bias=True)
+        slots = torch.tensor([4])
+        outs = {}
+        with torch.no_grad():
+            for name in ("gemv", "unfused"):
+                k_copy, v_copy = kb.clone(), vb.clone()
+                _, q = ops.add_rms_norm_qkv_cache(x, r, nw, w, 1e-6, cos, sin, k_copy, v_copy, slots, scale=scale,
+                                                  bias=bias, backend=name)
+                _, act = ops.add_rms_norm_linear(x, r, nw, w, 1e-6, scale=scale, bias=bias, gate=True, backend=name)
+                outs[name] = (q, k_copy, v_copy, act)
+        for fast, want in zip(outs["gemv"], outs["unfused"]):
+            assert rel_err(fast, want) < TOL[torch.float32] * (4 if int8 else 1)

@@ -268,7 +268,10 @@ def _cached_stacked_block(lp: dict, cfg: TextConfig, x: Tensor, branch: Optional
     residual stream and the MLP's output. Each norm goes with the projection that reads it:
     ``ops.add_rms_norm_qkv_cache`` (add, norm, q/k/v, RoPE and the cache writes; without
     qk-norm) and ``ops.add_rms_norm_linear`` (add, norm, gate/up and SwiGLU), so that a
-    decoding step's one row runs each as one kernel. Other shapes run the same pieces as the loop."""
+    decoding step's one row runs each as one kernel. Other shapes run the same pieces as the loop.
+
+    Forcing a backend of ``linear``, ``add_rms_norm``, ``rope_into_cache`` or ``swiglu_mlp`` does
+    not reach inside a one-row step's fused ops: force those two ops to ``unfused`` as well."""
     eps, attn, mlp = cfg.norm_eps, lp["attn"], lp["mlp"]
     if cfg.qk_norm:
         x, qkv_out = add_norm_project(x, branch, lp["attn_norm"], eps, attn["wqkv"], attn.get("bqkv"))

@@ -243,11 +243,14 @@ def add_rms_norm_linear_gemv(x: Tensor, residual: Optional[Tensor], norm_weight:
 def add_rms_norm_linear_gemv_ok(x: Tensor, residual: Optional[Tensor], norm_weight: Optional[Tensor],
                                 weight: Tensor, eps: float = 1e-6, *, scale: Optional[Tensor] = None,
                                 bias: Optional[Tensor] = None, gate: bool = False) -> bool:
-    """One contiguous row; ``residual`` and ``norm_weight`` like it; a ``[N, K]`` weight of ``x``'s
-    dtype, or INT8 with a ``[N]`` ``scale``, N <= ``GEMV_MAX_N`` (even with ``gate``), held whole by a
-    program; no gradient."""
+    """One contiguous row; ``residual``, ``norm_weight``, ``scale`` and ``bias`` of its dtype and
+    device; a ``[N, K]`` weight of ``x``'s dtype, or INT8 with a ``[N]`` ``scale``, N <=
+    ``GEMV_MAX_N`` (even with ``gate``), held whole by a program; no gradient."""
     if not (x.dim() >= 1 and x.numel() == x.shape[-1] and x.dtype in FLOAT_DTYPES and x.is_contiguous()
             and weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.stride(-1) == 1):
+        return False
+    if any(t is not None and (t.device != x.device or (t.is_floating_point() and t.dtype != x.dtype))
+           for t in (residual, norm_weight, weight, scale, bias)):
         return False
     n, k = weight.shape
     if not 0 < n <= GEMV_MAX_N or (gate and n % 2):
@@ -312,12 +315,15 @@ def add_rms_norm_qkv_cache_gemv_ok(x: Tensor, residual: Optional[Tensor], norm_w
                                    weight: Tensor, eps: float, cos: Tensor, sin: Tensor, k_buf: Tensor,
                                    v_buf: Tensor, slots: Tensor, *, scale: Optional[Tensor] = None,
                                    bias: Optional[Tensor] = None) -> bool:
-    """What :func:`add_rms_norm_linear_gemv_ok` takes, for a ``[(Hq + 2 Hkv) D, K]`` weight, with a
+    """What :func:`add_rms_norm_linear_gemv_ok` takes (``x`` ``[1, 1, K]``), for a ``[(Hq + 2 Hkv) D, K]``
+    weight, with a
     ``[1, Hkv, S, D]`` cache of ``x``'s dtype (even ``D``, unit stride along it), contiguous
     ``cos`` / ``sin`` of ``D`` values for the one position, and one slot."""
     if not add_rms_norm_linear_gemv_ok(x, residual, norm_weight, weight, eps, scale=scale, bias=bias, gate=True):
         return False
-    if k_buf.dim() != 4 or k_buf.shape != v_buf.shape or k_buf.shape[0] != 1:
+    if x.dim() != 3 or k_buf.dim() != 4 or k_buf.shape != v_buf.shape or k_buf.shape[0] != 1:
+        return False
+    if any(t.device != x.device for t in (cos, sin, k_buf, v_buf, slots)):
         return False
     hk, d = k_buf.shape[1], k_buf.shape[3]
     n = weight.shape[0]

@@ -637,12 +637,12 @@ def add_rms_norm_qkv_cache(X, R, NW, W, SCALE, BIAS, S, Q, COS, SIN, KB, VB, SLO
     w1 = tl.load(W + row1[:, None] * sw_n + rk[None, :], mask=w_mask, other=0)
     w2 = tl.load(W + row2[:, None] * sw_n + rk[None, :], mask=w_mask, other=0)
     nw = _norm_weight(NW, rk, k_ok, HAS_NW)
-    c1 = tl.load(COS + d, mask=n_ok, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
+    c1 = tl.load(COS + d, mask=n_ok, other=0.0).to(tl.float32)  # (the angles are computed, not weights)
     c2 = tl.load(COS + HALF + d, mask=n_ok, other=0.0).to(tl.float32)
     s1 = tl.load(SIN + d, mask=n_ok, other=0.0).to(tl.float32)
     s2 = tl.load(SIN + HALF + d, mask=n_ok, other=0.0).to(tl.float32)
-    if PDL:
-        gdc_wait()
     h = _add_norm_row(X, R, NW, S, K, eps, rk, k_ok, nw, HAS_R, HAS_NW, Q.dtype.element_ty)
     x1 = _strip_dot(w1, row1, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
     x2 = _strip_dot(w2, row2, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
