@@ -270,6 +270,21 @@ def test_one_row_linear_takes_the_gemv_only_without_gradients(device, dtype, mon
     assert dispatch.choose("linear", x, w.requires_grad_(), b).name == "reference"
 
 
+def _row_and_weight(device, dtype, rows, k, seed, has_residual, has_norm_weight, int8, has_bias):
+    """One row ``x`` ``[1, 1, k]``, its residual and norm weight (or None), a ``[rows, k]`` weight
+    (INT8 with its per-row scale, or of ``dtype`` and no scale) and a bias (or None)."""
+    x = make((1, 1, k), device, dtype, seed=seed)
+    r = make((1, 1, k), device, dtype, seed=seed + 1) if has_residual else None
+    nw = make((k,), device, dtype, seed=seed + 2) if has_norm_weight else None
+    w = make((rows, k), device, dtype, seed=seed + 3, scale=k ** -0.5)
+    scale = None
+    if int8:
+        w = torch.randint(-127, 128, (rows, k), generator=torch.Generator().manual_seed(seed)).to(device, torch.int8)
+        scale = make((rows,), device, dtype, seed=seed + 4, scale=0.01 * k ** -0.5)
+    bias = make((rows,), device, dtype, seed=seed + 5) if has_bias else None
+    return x, r, nw, w, scale, bias
+
+
 @pytest.mark.parametrize("device,dtype", CASES)
 @budget
 @given(n=st.integers(1, 40), k=st.sampled_from([1, 7, 32, 100, 257]), int8=st.booleans(), gate=st.booleans(),
@@ -281,15 +296,8 @@ def test_add_rms_norm_linear_gemv_matches_float64(device, dtype, n, k, int8, gat
     ``gate``), bf16/fp16/fp32 or INT8 weights, against float64."""
     skip_without(device)
     rows = 2 * n if gate else n
-    x = make((1, 1, k), device, dtype, seed=seed)
-    r = make((1, 1, k), device, dtype, seed=seed + 1) if has_residual else None
-    nw = make((k,), device, dtype, seed=seed + 2) if has_norm_weight else None
-    w = make((rows, k), device, dtype, seed=seed + 3, scale=k ** -0.5)
-    scale = None
-    if int8:
-        w = torch.randint(-127, 128, (rows, k), generator=torch.Generator().manual_seed(seed)).to(device, torch.int8)
-        scale = make((rows,), device, dtype, seed=seed + 4, scale=0.01 * k ** -0.5)
-    bias = make((rows,), device, dtype, seed=seed + 5) if has_bias else None
+    x, r, nw, w, scale, bias = _row_and_weight(device, dtype, rows, k, seed, has_residual, has_norm_weight, int8,
+                                               has_bias)
     with torch.no_grad():
         s, y = ops.add_rms_norm_linear(x, r, nw, w, 1e-6, scale=scale, bias=bias, gate=gate, backend="gemv")
     s_ref = x if r is None else (x.double() + r.double()).to(dtype)
@@ -338,17 +346,8 @@ def test_add_rms_norm_linear_takes_the_gemv_only_for_one_row_without_gradients(m
 
 
 def _qkv_cache_case(device, dtype, hk, group, d, k, n_slots, seed, int8=False, has_bias=False):
-    hq = hk * group
-    rows = (hq + 2 * hk) * d
-    x = make((1, 1, k), device, dtype, seed=seed)
-    r = make((1, 1, k), device, dtype, seed=seed + 1)
-    nw = make((k,), device, dtype, seed=seed + 2)
-    w = make((rows, k), device, dtype, seed=seed + 3, scale=k ** -0.5)
-    scale = None
-    if int8:
-        w = torch.randint(-127, 128, (rows, k), generator=torch.Generator().manual_seed(seed)).to(device, torch.int8)
-        scale = make((rows,), device, dtype, seed=seed + 4, scale=0.01 * k ** -0.5)
-    bias = make((rows,), device, dtype, seed=seed + 5) if has_bias else None
+    rows = (hk * group + 2 * hk) * d
+    x, r, nw, w, scale, bias = _row_and_weight(device, dtype, rows, k, seed, True, True, int8, has_bias)
     pos = torch.tensor([[seed % 50]], device=device)
     cos, sin = _rope_tables(d, pos)
     caches = [make((1, hk, n_slots, d), device, dtype, seed=seed + 6 + i) for i in range(2)]
