@@ -540,7 +540,7 @@ def gemv(X, W, SCALE, BIAS, Y, N, K, sx_k, sw_n, sw_k,
 
 
 @triton.jit
-def _add_norm_row(X, R, NW, S, K, eps, rk, k_ok, nw, HAS_R: tl.constexpr, HAS_NW: tl.constexpr,
+def _add_norm_row(X, R, S, K, eps, rk, k_ok, nw, HAS_R: tl.constexpr, HAS_NW: tl.constexpr,
                   OUT_TY: tl.constexpr):
     # s = x + r (rounded to s's dtype, as the add + norm kernel stores it; program 0 writes it)
     # and rms_norm(s) * nw rounded to OUT_TY (as the norm stores it), returned in float32
@@ -568,7 +568,7 @@ def _norm_weight(NW, rk, k_ok, HAS_NW: tl.constexpr):
 
 
 @triton.jit
-def _strip_dot(W, rows, row_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _strip_dot(W, rows, row_ok, h, SCALE, BIAS, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     # (w[rows] @ h) * scale[rows] + bias[rows] for a strip of whole weight rows already loaded as W
     y = tl.sum(W.to(tl.float32) * h[None, :], axis=1)
     if HAS_SCALE:
@@ -602,10 +602,10 @@ def add_rms_norm_gemv(X, R, NW, W, SCALE, BIAS, S, Y, N, K, eps, sw_n,
     nw = _norm_weight(NW, rk, k_ok, HAS_NW)
     if PDL:
         gdc_wait()
-    h = _add_norm_row(X, R, NW, S, K, eps, rk, k_ok, nw, HAS_R, HAS_NW, Y.dtype.element_ty)
-    y = _strip_dot(w, rn, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
+    h = _add_norm_row(X, R, S, K, eps, rk, k_ok, nw, HAS_R, HAS_NW, Y.dtype.element_ty)
+    y = _strip_dot(w, rn, n_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
     if GATE:
-        up = _strip_dot(w_up, rn + N, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
+        up = _strip_dot(w_up, rn + N, n_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
         g = y.to(Y.dtype.element_ty).to(tl.float32)
         y = g * tl.sigmoid(g) * up.to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=n_ok)
@@ -643,9 +643,9 @@ def add_rms_norm_qkv_cache(X, R, NW, W, SCALE, BIAS, S, Q, COS, SIN, KB, VB, SLO
     c2 = tl.load(COS + HALF + d, mask=n_ok, other=0.0).to(tl.float32)
     s1 = tl.load(SIN + d, mask=n_ok, other=0.0).to(tl.float32)
     s2 = tl.load(SIN + HALF + d, mask=n_ok, other=0.0).to(tl.float32)
-    h = _add_norm_row(X, R, NW, S, K, eps, rk, k_ok, nw, HAS_R, HAS_NW, Q.dtype.element_ty)
-    x1 = _strip_dot(w1, row1, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
-    x2 = _strip_dot(w2, row2, n_ok, sw_n, rk, k_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
+    h = _add_norm_row(X, R, S, K, eps, rk, k_ok, nw, HAS_R, HAS_NW, Q.dtype.element_ty)
+    x1 = _strip_dot(w1, row1, n_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
+    x2 = _strip_dot(w2, row2, n_ok, h, SCALE, BIAS, HAS_SCALE, HAS_BIAS)
     x1 = x1.to(Q.dtype.element_ty).to(tl.float32)  # as the projection stores them
     x2 = x2.to(Q.dtype.element_ty).to(tl.float32)
     rotate = head < HQ + HK
