@@ -36,13 +36,13 @@ class BenchDecode:
     new_tokens: int = 256
     """Generated tokens per row (no stop token: every row runs to the end)."""
     rows: list[str] = field(default_factory=lambda: ["bf16", "int8", "bf16-eager", "plain", "hf"])
-    """Which to run: bf16 / int8 (compiled step), bf16-unfused (compiled, without the decode kernels of
-    ``ghostvis.ops.decode``: SDPA, residual adds left to inductor, RoPE then cache copies, cuBLAS GEMVs), bf16-inductor
-    (compiled, every elementwise op and attention as plain torch), bf16-eager / int8-eager (eager ops
-    captured), bf16-no-pdl / int8-no-pdl (compiled, captured without programmatic dependent launch),
-    bf16-norm-apart / int8-norm-apart (compiled, each add + norm, projection, RoPE + cache write and SwiGLU as
-    separate kernels, as before ``ops.add_rms_norm_linear`` and ``ops.add_rms_norm_qkv_cache``), bf16-rope-apart /
-    int8-rope-apart (compiled, RoPE and the cache writes apart from the q/k/v projection), plain, hf."""
+    """Which to run: bf16 / int8 (compiled step), int8-head (compiled, the LM head INT8 too), bf16-unfused (compiled,
+    without the decode kernels of ``ghostvis.ops.decode``: SDPA, residual adds left to inductor, RoPE then cache
+    copies, cuBLAS GEMVs), bf16-inductor (compiled, every elementwise op and attention as plain torch), bf16-eager /
+    int8-eager (eager ops captured), bf16-no-pdl / int8-no-pdl (compiled, captured without programmatic dependent
+    launch), bf16-norm-apart / int8-norm-apart (compiled, each add + norm, projection, RoPE + cache write and SwiGLU
+    as separate kernels, as before ``ops.add_rms_norm_linear`` and ``ops.add_rms_norm_qkv_cache``), bf16-rope-apart
+    / int8-rope-apart (compiled, RoPE and the cache writes apart from the q/k/v projection), plain, hf."""
     profile: bool = False
     """Profile one decode step per GhostVis row (GPU time per kernel category)."""
     reuse: bool = True
@@ -210,17 +210,17 @@ def main(args: BenchDecode) -> list[dict]:
 
     cfg = gv.presets.get(args.preset)
     params = gv.init(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
-    quantized = None
+    quantized = {}  # lm_head quantized too -> tree
     from bench import copy_bandwidth_gbs
 
     bw = copy_bandwidth_gbs("cuda") * 1e9  # bytes/s, read + written
     results = []
     for row in args.rows:
-        int8 = row.startswith("int8")
-        if int8 and quantized is None:
-            quantized = gv.quantize(params, "int8")
-        p = quantized if int8 else params
-        compile = row in ("bf16", "int8", "bf16-inductor", "bf16-unfused", "bf16-no-pdl", "int8-no-pdl",
+        int8, head = row.startswith("int8"), row == "int8-head"
+        if int8 and head not in quantized:
+            quantized[head] = gv.quantize(params, "int8", lm_head=head)
+        p = quantized[head] if int8 else params
+        compile = row in ("bf16", "int8", "int8-head", "bf16-inductor", "bf16-unfused", "bf16-no-pdl", "int8-no-pdl",
                           "bf16-norm-apart", "int8-norm-apart", "bf16-rope-apart", "int8-rope-apart")
         generate_mod.DECODE_PDL = not row.endswith("-no-pdl")
         generate_mod.release_decode_session()

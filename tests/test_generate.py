@@ -205,6 +205,9 @@ def test_compiled_cuda_graph_decode_equals_uncached():
     assert generate(params, cfg, prompts, max_new_tokens=16, compile=True) == ref
     q = gv.quantize(params, "int8")
     assert generate(q, cfg, prompts, max_new_tokens=16, compile=True) == generate(q, cfg, prompts, max_new_tokens=16)
+    qh = gv.quantize(params, "int8", lm_head=True)  # the LM head's GEMV too, one row and two
+    for batch in (prompts[:1], prompts):
+        assert generate(qh, cfg, batch, max_new_tokens=16, compile=True) == generate(qh, cfg, batch, max_new_tokens=16)
 
 
 def test_compiled_decode_falls_back_past_the_recompile_limit(text_model, caplog):

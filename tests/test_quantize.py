@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import ghostvis as gv
 from ghostvis.infer.generate import generate, generate_uncached
+from ghostvis.train.loss import loss_fn
 from ghostvis.infer.quantize import PROJECTIONS, dequantize, dequantize_weight, quantize, quantize_weight, weight_bytes
 
 STATES, OFFSET = 48, 8  # a Markov chain over token ids 8..55
@@ -126,3 +127,54 @@ def test_quantized_vlm_generates():
     image = torch.zeros(3, cfg.vision.image_size, cfg.vision.image_size)
     assert generate(q, cfg, [prompt], [[image]], max_new_tokens=3) == [
         generate_uncached(q, cfg, prompt, [image], max_new_tokens=3)]
+
+
+def test_lm_head_quantized_on_request(trained, tmp_path):
+    params, cfg, held_out = trained
+    q = quantize(params, lm_head=True)
+    head = q["text"]["lm_head"]
+    assert set(head) == {"q", "scale"} and head["q"].dtype == torch.int8
+    assert torch.equal(dequantize_weight(head), dequantize(q)["text"]["lm_head"])
+    assert isinstance(params["text"]["lm_head"], torch.Tensor)  # the input is not modified
+    assert isinstance(quantize(params)["text"]["lm_head"], torch.Tensor)  # off unless asked for
+    # rounding the head as well costs little more on the held-out data
+    base, body = lm_loss(params, cfg, held_out), lm_loss(quantize(params), cfg, held_out)
+    both = lm_loss(q, cfg, held_out)
+    assert both != body and (both - base) / base <= 0.02, (base, body, both)
+    # the logits are those of the dequantized head
+    x = held_out[:2, :9]
+    with torch.no_grad():
+        ref = gv.forward(dequantize(q), cfg, x)
+        assert torch.allclose(gv.forward(q, cfg, x), ref, atol=1e-4, rtol=1e-4)
+    # a tree with only the head quantized counts as quantized: a second pass and export refuse it
+    only_head = {**params, "text": {**params["text"], "lm_head": head}}
+    with pytest.raises(ValueError, match="already"):
+        quantize(only_head)
+    path = tmp_path / "int8-head.safetensors"
+    gv.save(path, q, cfg)
+    q2, _ = gv.load(path)
+    assert torch.equal(q2["text"]["lm_head"]["q"], head["q"])
+    prompts = [held_out[0, :5].tolist(), held_out[1, :9].tolist()]
+    out = generate(q2, cfg, prompts, max_new_tokens=8)
+    assert out == [generate_uncached(q2, cfg, p, max_new_tokens=8) for p in prompts]
+
+
+def test_lm_head_quantization_refuses_a_tied_head():
+    cfg = gv.presets.get("tiny")
+    cfg = gv.ModelConfig(text=gv.TextConfig(**{**cfg.text.__dict__, "tie_embeddings": True}))
+    params = gv.init(cfg, seed=0)
+    with pytest.raises(ValueError, match="tie"):
+        quantize(params, lm_head=True)
+    assert "lm_head" not in quantize(params)["text"]
+
+
+def test_training_loss_runs_on_an_int8_head(trained):
+    params, cfg, held_out = trained
+    q = quantize(params, lm_head=True)
+    batch = {"tokens": held_out[:4, :-1], "targets": held_out[:4, 1:]}
+    norm = q["text"]["norm"].clone().requires_grad_(True)
+    loss = loss_fn({**q, "text": {**q["text"], "norm": norm}}, batch, cfg)
+    loss.backward()
+    assert torch.isfinite(loss) and norm.grad is not None and norm.grad.abs().sum() > 0
+    ref = loss_fn(dequantize(q), batch, cfg)
+    assert torch.allclose(loss, ref, atol=1e-5), (loss, ref)

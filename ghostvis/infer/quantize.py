@@ -1,16 +1,22 @@
 """INT8 weight-only quantization as a transform over the parameter pytree.
 
     qparams = quantize(params, "int8")     # same tree, decoder projections now {"q", "scale"}
+    qparams = quantize(params, "int8", lm_head=True)   # the LM head too
     gv.save("model-int8.safetensors", qparams, cfg)   # saves and loads like any other tree
 
 Every 2-D projection weight of the decoder blocks (``wq wk wv wo w_gate w_up
 w_down``) ``[out, in]`` becomes ``{"q": int8 [out, in], "scale": [out]}`` with
 a symmetric per-output-channel scale ``max|w_row| / 127``, so ``q * scale``
 reconstructs each row to within half a step. The decoder's ``project`` sends
-such dicts to ``ops.int8_linear``. Embeddings, norms, biases, the LM head and
-the vision encoder/connector stay as they are: the embedding is a gather (no
-matmul to speed up), and the LM head and the image path are where rounding
-errors hurt accuracy most for the least memory saved in small models.
+such dicts to ``ops.int8_linear``. Embeddings, norms, biases and the vision
+encoder/connector stay as they are: the embedding is a gather (no matmul to
+speed up), and the image path is where rounding errors hurt accuracy most for
+the least memory saved in small models.
+
+The LM head stays in float unless asked for (``lm_head=True``): it is the largest
+single matrix a decode step reads (a fifth of d20's bytes), so quantizing it too
+makes a batch-1 step faster, at the cost of rounding every logit. A head tied to the
+embedding cannot be quantized alone.
 """
 
 from __future__ import annotations
@@ -60,8 +66,13 @@ def _map_projections(params: dict, fn) -> dict:
     return {**params, "text": text}
 
 
-def quantize(params: dict, mode: str = "int8") -> dict:
+def quantize(params: dict, mode: str = "int8", *, lm_head: bool = False) -> dict:
     """The pytree with every decoder block projection quantized (see the module docstring).
+
+    Args:
+        params: a GhostVis parameter tree (float).
+        mode: ``"int8"``, the only mode.
+        lm_head: quantize the (untied) LM head as well.
 
     Pure: ``params`` is not modified; untouched leaves are shared, not copied.
     Quantizing an already-quantized tree is an error rather than a silent no-op.
@@ -70,23 +81,28 @@ def quantize(params: dict, mode: str = "int8") -> dict:
         raise ValueError(f"quantize mode {mode!r} is not supported; choose from {MODES}")
     if "text" not in params or "layers" not in params["text"]:
         raise ValueError("quantize expects a GhostVis param tree with params['text']['layers']")
-
-    def one(w):
-        if is_quantized(w):
-            raise ValueError("params are already INT8-quantized")
-        return quantize_weight(w)
-
-    return _map_projections(params, one)
+    if lm_head and "lm_head" not in params["text"]:
+        raise ValueError("lm_head=True needs an untied LM head; this model's head is its embedding "
+                         "(tie_embeddings), which the token lookup reads in float")
+    if has_quantized(params):
+        raise ValueError("params are already INT8-quantized")
+    out = _map_projections(params, quantize_weight)
+    if lm_head:
+        out["text"]["lm_head"] = quantize_weight(params["text"]["lm_head"])
+    return out
 
 
 def dequantize(params: dict) -> dict:
     """The float pytree an INT8-quantized one stands for (float trees pass through unchanged)."""
-    return _map_projections(params, lambda w: dequantize_weight(w) if is_quantized(w) else w)
+    out = _map_projections(params, lambda w: dequantize_weight(w) if is_quantized(w) else w)
+    if is_quantized(out["text"].get("lm_head")):
+        out["text"]["lm_head"] = dequantize_weight(out["text"]["lm_head"])
+    return out
 
 
 def has_quantized(params: dict) -> bool:
-    """True if any decoder projection in ``params`` is INT8-quantized."""
-    found = []
+    """True if any decoder projection (or the LM head) in ``params`` is INT8-quantized."""
+    found = [is_quantized(params["text"].get("lm_head"))]
     _map_projections(params, lambda w: found.append(is_quantized(w)) or w)
     return any(found)
 

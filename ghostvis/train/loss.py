@@ -48,8 +48,10 @@ def loss_fn(params: dict, batch: dict, cfg, *, normalizer: Optional[Tensor | flo
     if select:
         keep = targets != IGNORE
         h, targets = h[keep], targets[keep]
-    total = ops.linear_cross_entropy(h, decoder.lm_head_weight(params["text"]), targets, ignore_index=IGNORE,
-                                     reduction="sum")
+    head = decoder.lm_head_weight(params["text"])
+    if isinstance(head, dict):  # an INT8 head ({"q", "scale"}) is frozen: its float value, no gradient
+        head = head["q"].to(head["scale"].dtype) * head["scale"][:, None]
+    total = ops.linear_cross_entropy(h, head, targets, ignore_index=IGNORE, reduction="sum")
     if normalizer is None:
         normalizer = (targets != IGNORE).sum().clamp(min=1)
     return total / normalizer
