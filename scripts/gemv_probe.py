@@ -2,6 +2,7 @@
 (``ghostvis.ops.kernels.gemv``) over a grid of block shapes, bf16 and INT8, for the d20 shapes.
 
     python scripts/gemv_probe.py [OUT_JSON]
+    GEMV_SHAPES=lm_head python scripts/gemv_probe.py    # only the shapes named (comma-separated)
 
 The grid includes strips held whole (``BLOCK_K >= K``), the default launch. Each case
 captures a CUDA graph of back-to-back calls over enough copies of the weight to
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 
 import torch
@@ -22,7 +24,9 @@ import triton
 from ghostvis.ops import fused
 from ghostvis.ops import reference as R
 
-SHAPES = {"wqkv": (2560, 1280), "wo": (1280, 1280), "w_gate_up": (6912, 1280), "w_down": (1280, 3456)}
+SHAPES = {"wqkv": (2560, 1280), "wo": (1280, 1280), "w_gate_up": (6912, 1280), "w_down": (1280, 3456),
+          "lm_head": (65536, 1280)}
+DEFAULT_SHAPES = ("wqkv", "wo", "w_gate_up", "w_down")  # a block's; the LM head only when named
 GRID = [(bn, bk, w) for bn, bk, w in itertools.product([2, 4, 8, 16], [256, 512, 1024], [2, 4, 8])
         if 512 <= bn * bk <= 32768]
 
@@ -53,7 +57,9 @@ def per_call_us(fn_list, reps: int = 10) -> float:
 def main(out_path: str | None) -> None:
     dev = "cuda"
     rows = []
-    for name, (n, k) in SHAPES.items():
+    names = [s for s in os.environ.get("GEMV_SHAPES", ",".join(DEFAULT_SHAPES)).split(",") if s]
+    for name in names:
+        n, k = SHAPES[name]
         w_bytes = n * k * 2
         copies = max(2, -(-240 * 2**20 // w_bytes))  # several times the L2
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]

@@ -17,7 +17,8 @@ import ghostvis.ops as ops
 from ghostvis.infer.generate import generate, generate_uncached
 from ghostvis.infer.kv_cache import attention_mask, key_valid
 from ghostvis.ops import dispatch
-from test_kernels import CASES, TOL, budget, make, rel_err, rms_norm64, rope64, skip_without, swiglu64
+from test_kernels import (CASES, TOL, budget, make, rel_err, rms_norm64, rope64, rope_angles, skip_without,
+                          swiglu64)
 
 pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton")
 
@@ -92,8 +93,7 @@ def test_rope_into_cache_matches_float64(device, dtype, b, hk, group, t, slots, 
     q = make((b, t, hq, d), device, dtype, seed=seed).transpose(1, 2)
     k = make((b, t, hk, d), device, dtype, seed=seed + 1).transpose(1, 2)
     v = make((b, t, hk, d), device, dtype, seed=seed + 2).transpose(1, 2)
-    ang = torch.randn(b, t, d // 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    ang = torch.cat([ang, ang], -1)
+    ang = rope_angles(torch.randn(b, t, d // 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
     cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
     where = torch.randperm(slots, generator=torch.Generator().manual_seed(seed + 3))[:t].sort().values
     k_buf, v_buf = make((b, hk, slots, d), device, dtype, seed=seed + 4), make((b, hk, slots, d), device, dtype,
@@ -356,7 +356,7 @@ def _qkv_cache_case(device, dtype, hk, group, d, k, n_slots, seed, int8=False, h
 
 def _rope_tables(d, pos):
     inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d))
-    emb = torch.cat([pos.float()[..., None] * inv] * 2, dim=-1)
+    emb = rope_angles(pos.float()[..., None] * inv)
     return emb.cos(), emb.sin()
 
 

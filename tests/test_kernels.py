@@ -450,7 +450,7 @@ def test_rope_matches_float64(device, dtype, b, hk, group, t, d, bhtd_layout, sh
         k = make((b, t, hk, d), device, dtype, seed=seed + 1).transpose(1, 2)
     pos = torch.arange(t, dtype=torch.float64)[None].expand(1 if shared_tables else b, t) + seed % 7
     inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = torch.cat([pos[..., None] * inv] * 2, -1)
+    ang = rope_angles(pos[..., None] * inv)
     cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
     dq, dk = make(q.shape, device, dtype, seed=seed + 2), make(k.shape, device, dtype, seed=seed + 3)
     (qo, ko), (gq, gk) = fast_grads(lambda a, c: ops.rope(a, c, cos, sin, backend="triton"), [q, k], (dq, dk))
@@ -462,10 +462,20 @@ def test_rope_matches_float64(device, dtype, b, hk, group, t, d, bhtd_layout, sh
         assert rel_err(a, ref) < GRAD_TOL[dtype]
 
 
+def rope_angles(half):
+    """Both halves of a RoPE angle table from its first half ``[..., D/2]``.
+
+    A model's table repeats the first half, so a kernel that read one half where it should
+    read the other would pass every test on it. Here the second half differs (scaled and
+    shifted), and the references apply the table element by element, as the contract says.
+    """
+    return torch.cat([half, half * 1.3 + 0.5], -1)
+
+
 def rope_tables64(b, t, d, offset=0):
     pos = torch.arange(t, dtype=torch.float64)[None].expand(b, t) + offset
     inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = torch.cat([pos[..., None] * inv] * 2, -1)
+    ang = rope_angles(pos[..., None] * inv)
     return ang.cos(), ang.sin()
 
 
@@ -625,7 +635,7 @@ def _composition_inputs(device="cpu"):
     w_head = torch.randn(11, 12, generator=g).to(device)
     t = torch.tensor([1, 2, -100, 4, 5, 10]).to(device)
     ang = torch.arange(3.0)[:, None] * torch.tensor([1.0, 0.5])
-    ang = torch.cat([ang, ang], -1).to(device)
+    ang = rope_angles(ang).to(device)
     return x, w_norm, w_head, t, ang.cos(), ang.sin()
 
 
