@@ -256,6 +256,23 @@ def test_gemv_matches_float64(device, dtype, n, k, int8, has_bias, whole_strip, 
     assert rel_err(y, y64) < TOL[dtype] * (4 if int8 else 1)
 
 
+@pytest.mark.gpu
+def test_one_row_int8_linear_of_an_lm_head_size():
+    """An INT8 LM head (more than 16K rows) takes its own launch: short blocks looped over K."""
+    from ghostvis.ops import fused
+
+    skip_without("cuda")
+    n, k = 20000, 1280
+    assert fused.gemv_config(n, k, torch.int8) == (8, 256, 4)
+    x = make((1, 1, k), "cuda", torch.bfloat16, seed=0)
+    w = torch.randint(-127, 128, (n, k), generator=torch.Generator().manual_seed(1)).to("cuda", torch.int8)
+    scale = make((n,), "cuda", torch.bfloat16, seed=2, scale=0.01)
+    with torch.no_grad():
+        y = ops.int8_linear(x, w, scale)
+    y64 = x.double().cpu()[0] @ (w.double().cpu() * scale.double().cpu()[:, None]).T
+    assert rel_err(y[0], y64) < TOL[torch.bfloat16] * 4
+
+
 @pytest.mark.parametrize("device,dtype", [c for c in CASES if c.values[1] != torch.float32])
 def test_one_row_linear_takes_the_gemv_only_without_gradients(device, dtype, monkeypatch):
     skip_without(device)
