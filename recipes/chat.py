@@ -55,8 +55,8 @@ class ChatConfig:
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ...
         dtype: weight dtype; ``auto`` is bfloat16 on CUDA and float32 on the CPU.
         quantize: ``int8`` quantizes the decoder's projection weights before chatting.
-        quantize_lm_head: with ``quantize``, the (untied) LM head too: faster decoding, every logit
-            rounded.
+        quantize_lm_head: with ``quantize``, the (untied) LM head too: faster one-row decoding,
+            every logit rounded.
         compile: ``torch.compile`` the decode step (faster replies after a slower first one; the
             compiled step, KV cache and CUDA graph are kept between replies of similar length).
     """
@@ -94,12 +94,15 @@ def load_model(cfg: ChatConfig):
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    params, mcfg = load_initial(ModelSource(init=cfg.checkpoint))
-    params = tree_map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype), params)
     if cfg.quantize_lm_head and not cfg.quantize:
         raise SystemExit("--quantize-lm-head needs --quantize int8")
+    params, mcfg = load_initial(ModelSource(init=cfg.checkpoint))
+    params = tree_map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype), params)
     if cfg.quantize:
-        params = quantize(params, cfg.quantize, lm_head=cfg.quantize_lm_head)
+        try:
+            params = quantize(params, cfg.quantize, lm_head=cfg.quantize_lm_head)
+        except ValueError as e:
+            raise SystemExit(f"--quantize: {e}") from None
     tok = Tokenizer.load(cfg.tokenizer or find_tokenizer(cfg.checkpoint))
     return params, mcfg, tok, device
 

@@ -117,7 +117,7 @@ def test_unrepresentable_connector_is_refused(tok, tmp_path):
 
 def test_quantized_params_export_dequantized(tok, tmp_path):
     cfg = gv.presets.get("tiny")
-    q = quantize(distinct(gv.init(cfg, seed=7), 8))
+    q = quantize(distinct(gv.init(cfg, seed=7), 8), lm_head=True)  # the head too: dequantized as well
     export_hf(q, cfg, tmp_path, tok)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     x = torch.tensor([[1, 4, 20, 30, 7, 5]])

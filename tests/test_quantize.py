@@ -146,7 +146,7 @@ def test_lm_head_quantized_on_request(trained, tmp_path):
     with torch.no_grad():
         ref = gv.forward(dequantize(q), cfg, x)
         assert torch.allclose(gv.forward(q, cfg, x), ref, atol=1e-4, rtol=1e-4)
-    # a tree with only the head quantized counts as quantized: a second pass and export refuse it
+    # a tree with only the head quantized counts as quantized: a second pass refuses it
     only_head = {**params, "text": {**params["text"], "lm_head": head}}
     with pytest.raises(ValueError, match="already"):
         quantize(only_head)

@@ -14,7 +14,7 @@ speed up), and the image path is where rounding errors hurt accuracy most for
 the least memory saved in small models.
 
 The LM head stays in float unless asked for (``lm_head=True``): it is the largest
-single matrix a decode step reads (a fifth of d20's bytes), so quantizing it too
+single matrix a decode step reads (about a fifth of a d20 step's bytes), so quantizing it too
 makes a batch-1 step faster, at the cost of rounding every logit. A head tied to the
 embedding cannot be quantized alone.
 """

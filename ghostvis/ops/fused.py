@@ -595,7 +595,9 @@ def gemv_config(n: int, k: int, weight_dtype: torch.dtype) -> tuple[int, int, in
     loads before the kernel waits for its input (``scripts/pdl_probe.py``); wider rows loop
     over ``k`` with the blocks ``scripts/gemv_probe.py`` chose on an H100.
     """
-    if weight_dtype == torch.int8 and n > 16384:  # an INT8 LM head: 32.7 us for 65536 x 1280 on an H100
+    # INT8 with more than 16K rows (an LM head; also any such projection run alone): tuned on
+    # 65536 x 1280 only, 32.7 us on an H100
+    if weight_dtype == torch.int8 and n > 16384:
         return 8, 256, 4
     bn = 8 if (weight_dtype == torch.int8 and n >= 4096) else 2
     whole = triton.next_power_of_2(max(k, 1))

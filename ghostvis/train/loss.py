@@ -50,7 +50,7 @@ def loss_fn(params: dict, batch: dict, cfg, *, normalizer: Optional[Tensor | flo
         h, targets = h[keep], targets[keep]
     head = decoder.lm_head_weight(params["text"])
     if isinstance(head, dict):  # an INT8 head ({"q", "scale"}) is frozen: its float value, no gradient
-        head = head["q"].to(head["scale"].dtype) * head["scale"][:, None]
+        head = (head["q"].to(head["scale"].dtype) * head["scale"][:, None]).detach()
     total = ops.linear_cross_entropy(h, head, targets, ignore_index=IGNORE, reduction="sum")
     if normalizer is None:
         normalizer = (targets != IGNORE).sum().clamp(min=1)
