@@ -17,6 +17,7 @@ import torch
 from .. import ops
 from ..core import decoder
 from ..core.model import hidden_states
+from ..infer.quantize import dequantize_weight, is_quantized
 
 Tensor = torch.Tensor
 IGNORE = -100
@@ -49,8 +50,8 @@ def loss_fn(params: dict, batch: dict, cfg, *, normalizer: Optional[Tensor | flo
         keep = targets != IGNORE
         h, targets = h[keep], targets[keep]
     head = decoder.lm_head_weight(params["text"])
-    if isinstance(head, dict):  # an INT8 head ({"q", "scale"}) is frozen: its float value, no gradient
-        head = (head["q"].to(head["scale"].dtype) * head["scale"][:, None]).detach()
+    if is_quantized(head):  # an INT8 head is frozen: its float value, no gradient
+        head = dequantize_weight(head).detach()
     total = ops.linear_cross_entropy(h, head, targets, ignore_index=IGNORE, reduction="sum")
     if normalizer is None:
         normalizer = (targets != IGNORE).sum().clamp(min=1)
