@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 import ghostvis as gv
 from ghostvis.infer.generate import generate, generate_uncached
-from ghostvis.train.loss import loss_fn
 from ghostvis.infer.quantize import PROJECTIONS, dequantize, dequantize_weight, quantize, quantize_weight, weight_bytes
+from ghostvis.train.loss import loss_fn
 
 STATES, OFFSET = 48, 8  # a Markov chain over token ids 8..55
 

@@ -51,8 +51,9 @@ def is_quantized(w) -> bool:
     return isinstance(w, dict) and set(w) == {"q", "scale"}
 
 
-def _map_projections(params: dict, fn) -> dict:
-    """A copy of ``params`` with ``fn`` applied to every decoder block projection (other leaves shared)."""
+def _map_projections(params: dict, fn, *, lm_head: bool = False) -> dict:
+    """A copy of ``params`` with ``fn`` applied to every decoder block projection, and with
+    ``lm_head`` to the untied LM head where there is one (other leaves shared)."""
     text = dict(params["text"])
     layers = []
     for layer in text["layers"]:
@@ -63,6 +64,8 @@ def _map_projections(params: dict, fn) -> dict:
                     layer[sub][name] = fn(layer[sub][name])
         layers.append(layer)
     text["layers"] = layers
+    if lm_head and "lm_head" in text:
+        text["lm_head"] = fn(text["lm_head"])
     return {**params, "text": text}
 
 
@@ -86,24 +89,18 @@ def quantize(params: dict, mode: str = "int8", *, lm_head: bool = False) -> dict
                          "(tie_embeddings), which the token lookup reads in float")
     if has_quantized(params):
         raise ValueError("params are already INT8-quantized")
-    out = _map_projections(params, quantize_weight)
-    if lm_head:
-        out["text"]["lm_head"] = quantize_weight(params["text"]["lm_head"])
-    return out
+    return _map_projections(params, quantize_weight, lm_head=lm_head)
 
 
 def dequantize(params: dict) -> dict:
     """The float pytree an INT8-quantized one stands for (float trees pass through unchanged)."""
-    out = _map_projections(params, lambda w: dequantize_weight(w) if is_quantized(w) else w)
-    if is_quantized(out["text"].get("lm_head")):
-        out["text"]["lm_head"] = dequantize_weight(out["text"]["lm_head"])
-    return out
+    return _map_projections(params, lambda w: dequantize_weight(w) if is_quantized(w) else w, lm_head=True)
 
 
 def has_quantized(params: dict) -> bool:
     """True if any decoder projection (or the LM head) in ``params`` is INT8-quantized."""
-    found = [is_quantized(params["text"].get("lm_head"))]
-    _map_projections(params, lambda w: found.append(is_quantized(w)) or w)
+    found = []
+    _map_projections(params, lambda w: found.append(is_quantized(w)) or w, lm_head=True)
     return any(found)
 
 
