@@ -65,9 +65,21 @@ def check_image_tokens(cfg: ModelConfig, tokens: Tensor, n_images: int) -> None:
 
 
 def merge_images(text_embeds: Tensor, tokens: Tensor, image_embeds: Tensor, image_token_id: int) -> Tensor:
-    """Place ``image_embeds`` (all images' tokens, flattened in order) at the placeholder positions."""
-    mask = (tokens == image_token_id)[..., None]
-    return text_embeds.masked_scatter(mask, image_embeds.to(text_embeds.dtype))
+    """Place ``image_embeds`` (all images' tokens, flattened in order) at the placeholder positions.
+
+    The k-th placeholder in reading order takes row k of the flattened image tokens,
+    found by a running count over the mask. This is ``masked_scatter``'s result with
+    shapes that do not depend on the data, so neither direction waits on the host
+    (``masked_scatter``'s backward, a ``masked_select``, does) and the training step
+    can be captured in a CUDA graph. Placeholders beyond the image tokens reuse the
+    last row; :func:`check_image_tokens` is what rejects such inputs.
+    """
+    b, t, d = text_embeds.shape
+    is_image = (tokens == image_token_id).reshape(-1)
+    flat = image_embeds.reshape(-1, d).to(text_embeds.dtype)
+    index = (torch.cumsum(is_image, 0) - 1).clamp_(0, flat.shape[0] - 1)
+    merged = torch.where(is_image[:, None], flat[index], text_embeds.reshape(-1, d))
+    return merged.view(b, t, d)
 
 
 def embed(params: dict, cfg: ModelConfig, tokens: Tensor, images: Optional[Tensor] = None,
