@@ -220,6 +220,28 @@ def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, which: st
     return step
 
 
+def trainer_step(cfg: gv.ModelConfig, batch: dict, dtype: torch.dtype = torch.bfloat16, *,
+                 cuda_graphs: bool = False) -> Callable:
+    """The training loop's own step (``train.step.make_train_step``: compiled gradients, gradient
+    clipping, the non-finite guard with its one host sync per step, AdamW) on ``batch``;
+    ``cuda_graphs`` replays the gradient function as a CUDA graph (``--train.cuda-graphs``)."""
+    from ghostvis.train.step import make_train_step
+
+    params = gv.flatten(gv.init(cfg, seed=0, device=batch["tokens"].device, dtype=dtype))
+    opt = AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    state = opt.init(params)
+    train_step = make_train_step(cfg, opt, {}, grad_clip=1.0, compile_grad=True, cuda_graphs=cuda_graphs)
+    count = [0]
+
+    def step():
+        nonlocal params, state
+        params, state, result = train_step(params, state, [batch], count[0])
+        count[0] += 1
+        return torch.tensor(result.loss)
+
+    return step
+
+
 # ----------------------------------------------------------------------------- plain PyTorch Llama
 
 
@@ -376,7 +398,9 @@ def main(args: BenchTrain) -> list[dict]:
     builders = {name: (lambda spec=spec: ghostvis_step(cfg, batch, compiled=spec[0], which=spec[1], layout=spec[2],
                                                        mode=spec[3] if len(spec) > 3 else None))
                 for name, spec in ROWS.items()}
-    builders |= {"plain": lambda: plain_step(cfg, batch), "hf": lambda: hf_step(cfg, batch)}
+    builders |= {"plain": lambda: plain_step(cfg, batch), "hf": lambda: hf_step(cfg, batch),
+                 "ghostvis-trainer": lambda: trainer_step(cfg, batch),
+                 "ghostvis-trainer-graphs": lambda: trainer_step(cfg, batch, cuda_graphs=True)}
     results = run_rows(builders, args.rows, args.steps, args.warmup, args.profile,
                        lambda sec: {"tokens_per_s": tokens / sec, "mfu": fpt * tokens / sec / PEAK_FLOPS})
     for r in results:
@@ -411,9 +435,11 @@ class BenchVLM:
     warmup: int = 3
     """Untimed steps first."""
     rows: list[str] = field(default_factory=lambda: ["ghostvis", "ghostvis-eager"])
-    """ghostvis (compiled), ghostvis-graphs (compiled, replayed as a CUDA graph),
-    ghostvis-separate (compiled, unstacked q/k/v and gate/up), ghostvis-eager (kernels,
-    no compile), ghostvis-reference (plain-torch ops, eager)."""
+    """ghostvis (compiled), ghostvis-graphs (compiled, replayed as a CUDA graph), ghostvis-trainer (the
+    training loop's step: clipping, the non-finite guard and its host sync), ghostvis-trainer-graphs (that step
+    with --train.cuda-graphs), ghostvis-separate (compiled,
+    unstacked q/k/v and gate/up), ghostvis-eager (kernels, no compile), ghostvis-reference (plain-torch
+    ops, eager)."""
     profile: bool = False
     """Also print GPU time per kernel category."""
     out: str = "bench_out"
@@ -447,6 +473,8 @@ def vlm(args: BenchVLM) -> list[dict]:
                                                            layout="separate"),
                 "ghostvis-graphs": lambda: ghostvis_step(cfg, batch, compiled=True, which="default",
                                                          mode="reduce-overhead"),
+                "ghostvis-trainer": lambda: trainer_step(cfg, batch),
+                "ghostvis-trainer-graphs": lambda: trainer_step(cfg, batch, cuda_graphs=True),
                 "ghostvis-eager": lambda: ghostvis_step(cfg, batch, compiled=False, which="default"),
                 "ghostvis-reference": lambda: ghostvis_step(cfg, batch, compiled=False, which="reference",
                                                             layout="separate")}

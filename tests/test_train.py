@@ -464,3 +464,54 @@ def test_selective_remat_under_bf16_autocast():
     for k in g0:
         assert g1[k].dtype == g0[k].dtype == torch.float32
         torch.testing.assert_close(g0[k], g1[k], atol=1e-2, rtol=2e-2, msg=k)
+
+
+def test_cuda_graphs_are_checked():
+    opt = AdamW(lr=1e-3)
+    with pytest.raises(ValueError, match="needs compile_grad"):
+        tstep.make_train_step(CFG, opt, {}, cuda_graphs=True)
+    with pytest.raises(ValueError, match="needs compile_grad and no remat"):
+        tstep.make_train_step(CFG, opt, {}, cuda_graphs=True, compile_grad=True, remat_blocks=True)
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        tstep.graphed(tstep.value_and_grad(CFG, {}), {}, mode="default")
+    fn = tstep.graphed(tstep.value_and_grad(CFG, {}, select=False), {})
+    with pytest.raises(ValueError, match="packed documents"):
+        fn({}, random_batch(), torch.ones(()))
+
+
+def test_loop_refuses_cuda_graphs_without_cuda(tmp_path):
+    tc = loop.TrainConfig(steps=1, batch_size=2, seq_len=16, cuda_graphs=True, compile=True)
+    rc = loop.RunConfig(out_dir=str(tmp_path), progress=False, device="cpu")
+    with pytest.raises(ValueError, match="cuda-graphs needs"):
+        loop.train(gv.init(CFG), CFG, iter(()), tc, rc)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_steps_match_compiled_steps():
+    """Three steps (two micro-batches each, a VLM batch) replayed as CUDA graphs give the compiled
+    steps' losses, gradient norms and parameters."""
+    batches = []
+    for s in range(3):
+        mbs = []
+        for m in range(2):
+            b = random_batch(seed=10 * s + m, t=32)
+            b["doc_ids"], b["positions"] = None, None
+            mbs.append({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()})
+        batches.append(mbs)
+    finals, results = [], []
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        params = {k: v.cuda() for k, v in gv.flatten(gv.init(CFG, seed=3)).items()}
+        opt = AdamW(lr=1e-3)
+        state = opt.init(params)
+        step = tstep.make_train_step(CFG, opt, {}, compile_grad=True, cuda_graphs=graphs)
+        out = []
+        for i, mbs in enumerate(batches):
+            params, state, r = step(params, state, mbs, i)
+            out.append((r.loss, r.grad_norm))
+        finals.append(params)
+        results.append(out)
+    for (l0, n0), (l1, n1) in zip(*results):
+        assert l1 == pytest.approx(l0, rel=1e-5) and n1 == pytest.approx(n0, rel=1e-4)
+    for k in finals[0]:
+        torch.testing.assert_close(finals[1][k], finals[0][k], atol=1e-5, rtol=1e-4, msg=k)

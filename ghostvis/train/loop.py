@@ -75,6 +75,11 @@ class TrainConfig:
             (recompute only that sub-block, keep the other's activations), or ``selective`` (keep
             every matmul output, recompute only the norms and SwiGLU feeding the projections).
         compile: ``torch.compile`` the gradient function.
+        cuda_graphs: with ``compile`` on CUDA, replay the compiled gradient function as a CUDA
+            graph (``mode="reduce-overhead"``): one launch for the whole forward and backward, for
+            steps whose host cannot launch kernels as fast as the GPU runs them (small models,
+            VLMs). Needs fixed batch shapes (each new shape records a graph), no packed documents,
+            and no ``remat`` or ``context_parallel``.
         dtype: compute dtype: ``float32``, or ``bfloat16`` (autocast; params and optimizer stay float32).
         seed: seed of the data order and of any randomness in training.
         max_bad_steps: stop after this many NaN/Inf steps in a row (each is skipped, not applied).
@@ -111,6 +116,7 @@ class TrainConfig:
     remat: bool = False
     remat_policy: Literal["full", "attention", "mlp", "selective"] = "full"
     compile: bool = False
+    cuda_graphs: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     max_bad_steps: int = 3
@@ -330,6 +336,9 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
     """
     di = dist_info or distributed.DistInfo(device=_resolve_device(rc.device))
     device = torch.device(di.device)
+    if tc.cuda_graphs and (not tc.compile or tc.remat or tc.context_parallel > 1 or device.type != "cuda"):
+        raise ValueError("--train.cuda-graphs needs --train.compile, a CUDA device, and no --train.remat "
+                         "or --train.context-parallel")
     main = di.is_main
     run_dir = rc.run_dir
     ckpt_root = run_dir / "checkpoints"
@@ -385,7 +394,8 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
     reducer = distributed.DataParallel(tc.bucket_mb, overlap=tc.overlap_comm) if di.enabled else None
     step_fn = make_train_step(cfg, optimizer, frozen, grad_clip=tc.grad_clip, remat_blocks=tc.remat,
                               remat_policy=tc.remat_policy,
-                              compile_grad=tc.compile, autocast=autocast, reducer=reducer)
+                              compile_grad=tc.compile, autocast=autocast, reducer=reducer,
+                              cuda_graphs=tc.cuda_graphs)
     lr_at = lr_schedule(tc.lr, tc.schedule, total=tc.steps, warmup=tc.warmup, final=tc.final_lr_frac)
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * di.world_size // cp
     flops_tok = flops_per_token(cfg, tc.seq_len)

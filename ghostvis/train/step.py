@@ -411,19 +411,53 @@ def compile(fn: Callable, **compile_kwargs) -> Callable:
 
 def accumulate(grad_fn: Callable, trainable: Flat, micro_batches: Sequence[dict],
                normalizer: Tensor) -> tuple[Flat, Tensor]:
-    """Sum ``grad_fn`` over micro-batches: ``(sum of grads, sum of losses)``."""
+    """Sum ``grad_fn`` over micro-batches: ``(sum of grads, sum of losses)``.
+
+    With more than one micro-batch the first one's gradients are copied before the
+    next call (a CUDA-graph replay reuses its output memory; see :func:`graphed`).
+    """
     total: Optional[Flat] = None
     loss = torch.zeros((), dtype=torch.float32, device=normalizer.device)
     for mb in micro_batches:
         grads, value = grad_fn(trainable, mb, normalizer)
         if total is None:
-            total = dict(grads)
+            total = {k: g.clone() for k, g in grads.items()} if len(micro_batches) > 1 else dict(grads)
         else:
             torch._foreach_add_(list(total.values()), [grads[k] for k in total])
         loss = loss + value.detach().float()
     if total is None:
         raise ValueError("accumulate needs at least one micro-batch")
     return total, loss
+
+
+def graphed(grad_fn: Callable, frozen: Flat, **compile_kwargs) -> Callable:
+    """:func:`compile` of ``grad_fn`` in ``reduce-overhead`` mode: each call replays a CUDA graph.
+
+    A replay launches the whole forward and backward at once, so a step whose host
+    launches kernels more slowly than the GPU runs them (small models, a VLM's many
+    short kernels) stops waiting on the host. Parameters (trainable and frozen) are
+    read where they are (``torch._dynamo.mark_static_address``), so they must keep
+    their storage between steps, as the in-place optimizers do; the batch is copied
+    into the graph's own inputs. Each call starts a new step
+    (``torch.compiler.cudagraph_mark_step_begin``): its outputs are overwritten by the
+    next call, so use or copy them first (:func:`accumulate` does). Each new batch
+    shape records another graph. Packed documents (``doc_ids``) are refused.
+    """
+    if compile_kwargs.get("mode", "reduce-overhead") != "reduce-overhead":
+        raise ValueError(f"CUDA graphs compile in mode 'reduce-overhead', got mode={compile_kwargs['mode']!r}")
+    compiled = compile(grad_fn, **(compile_kwargs | {"mode": "reduce-overhead"}))
+    for t in frozen.values():
+        torch._dynamo.mark_static_address(t)
+
+    def fn(trainable: Flat, batch: dict, normalizer: Tensor):
+        if batch.get("doc_ids") is not None:  # their attention sizes its launch on the host
+            raise ValueError("CUDA graphs cannot replay packed documents (doc_ids): train them without graphs")
+        for t in trainable.values():
+            torch._dynamo.mark_static_address(t)
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(trainable, batch, normalizer)
+
+    return fn
 
 
 # --------------------------------------------------------------------------- the step
@@ -485,7 +519,8 @@ class StepResult:
 def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, remat_blocks: bool = False,
                     remat_policy: str = "full",
                     compile_grad: bool = False, autocast: Optional[torch.dtype] = None,
-                    reducer: Optional[Reducer] = None, compile_kwargs: Optional[dict] = None) -> Callable:
+                    reducer: Optional[Reducer] = None, compile_kwargs: Optional[dict] = None,
+                    cuda_graphs: bool = False) -> Callable:
     """Compose grad (+ remat, + compile), accumulation, all-reduce, clipping and the optimizer update.
 
     Returns ``train_step(trainable, opt_state, micro_batches, step) -> (trainable, opt_state, StepResult)``.
@@ -497,10 +532,17 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     ``compile_grad``: ``torch.compile`` traces the taps' backward and drops the Python
     call to the reducer (the sink is never called), so the reducer then sums the
     finished gradients after the backward (``sum_grads_``).
+
+    ``cuda_graphs`` (with ``compile_grad``, on CUDA, without remat) replays the compiled
+    gradient function as a CUDA graph (:func:`graphed`).
     """
+    if cuda_graphs and not (compile_grad and not remat_blocks):
+        raise ValueError("cuda_graphs needs compile_grad and no remat_blocks (it replays the compiled step)")
     kw = dict(remat_blocks=remat_blocks, remat_policy=remat_policy, select=not compile_grad, autocast=autocast)
     grad_fn = value_and_grad(cfg, frozen, **kw)
-    if compile_grad:
+    if cuda_graphs:
+        grad_fn = graphed(grad_fn, frozen, **(compile_kwargs or {}))
+    elif compile_grad:
         grad_fn = compile_value_and_grad(grad_fn, remat_blocks=remat_blocks, **(compile_kwargs or {}))
     overlap = overlaps(reducer) and not compile_grad
     if overlaps(reducer) and compile_grad:
