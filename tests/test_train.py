@@ -466,7 +466,7 @@ def test_selective_remat_under_bf16_autocast():
         torch.testing.assert_close(g0[k], g1[k], atol=1e-2, rtol=2e-2, msg=k)
 
 
-def test_cuda_graphs_are_checked():
+def test_cuda_graphs_are_checked(monkeypatch):
     opt = AdamW(lr=1e-3)
     with pytest.raises(ValueError, match="needs compile_grad"):
         tstep.make_train_step(CFG, opt, {}, cuda_graphs=True)
@@ -475,6 +475,7 @@ def test_cuda_graphs_are_checked():
     with pytest.raises(ValueError, match="reduce-overhead"):
         tstep.graphed(tstep.value_and_grad(CFG, {}), {}, mode="default")
     fn = tstep.graphed(tstep.value_and_grad(CFG, {}, select=False), {})
+    monkeypatch.setattr("ghostvis.ops.attention_backends._FLASH_ATTN", object())  # flash_attn "installed"
     with pytest.raises(ValueError, match="packed documents"):
         fn({}, random_batch(), torch.ones(()))
 
@@ -488,14 +489,13 @@ def test_loop_refuses_cuda_graphs_without_cuda(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_steps_match_compiled_steps():
-    """Three steps (two micro-batches each, a VLM batch) replayed as CUDA graphs give the compiled
-    steps' losses, gradient norms and parameters."""
+    """Three steps (two micro-batches each; VLM rows of two packed documents) replayed as CUDA graphs give
+    the compiled steps' losses, gradient norms and parameters."""
     batches = []
     for s in range(3):
         mbs = []
         for m in range(2):
             b = random_batch(seed=10 * s + m, t=32)
-            b["doc_ids"], b["positions"] = None, None
             mbs.append({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()})
         batches.append(mbs)
     finals, results = [], []

@@ -78,8 +78,8 @@ class TrainConfig:
         cuda_graphs: with ``compile`` on CUDA, replay the compiled gradient function as a CUDA
             graph (``mode="reduce-overhead"``): one launch for the whole forward and backward, for
             steps whose host cannot launch kernels as fast as the GPU runs them (small models,
-            VLMs). Needs fixed batch shapes (each new shape records a graph), no packed documents,
-            and no ``remat`` or ``context_parallel``.
+            VLMs). Needs fixed batch shapes (each new shape records a graph), and no ``remat`` or
+            ``context_parallel``; packed documents only without the ``flash_attn`` package.
         dtype: compute dtype: ``float32``, or ``bfloat16`` (autocast; params and optimizer stay float32).
         seed: seed of the data order and of any randomness in training.
         max_bad_steps: stop after this many NaN/Inf steps in a row (each is skipped, not applied).

@@ -441,17 +441,22 @@ def graphed(grad_fn: Callable, frozen: Flat, **compile_kwargs) -> Callable:
     into the graph's own inputs. Each call starts a new step
     (``torch.compiler.cudagraph_mark_step_begin``): its outputs are overwritten by the
     next call, so use or copy them first (:func:`accumulate` does). Each new batch
-    shape records another graph. Packed documents (``doc_ids``) are refused.
+    shape records another graph. Packed documents (``doc_ids``) are refused where the
+    ``flash_attn`` package is installed (its varlen attention reads sizes on the host).
     """
     if compile_kwargs.get("mode", "reduce-overhead") != "reduce-overhead":
         raise ValueError(f"CUDA graphs compile in mode 'reduce-overhead', got mode={compile_kwargs['mode']!r}")
+    from ..ops.attention_backends import flash_attn_module
+
     compiled = compile(grad_fn, **(compile_kwargs | {"mode": "reduce-overhead"}))
     for t in frozen.values():
         torch._dynamo.mark_static_address(t)
 
     def fn(trainable: Flat, batch: dict, normalizer: Tensor):
-        if batch.get("doc_ids") is not None:  # their attention sizes its launch on the host
-            raise ValueError("CUDA graphs cannot replay packed documents (doc_ids): train them without graphs")
+        if batch.get("doc_ids") is not None and flash_attn_module() is not None:
+            # flash_attn's varlen entry point sizes its launch on the host (the dense-mask SDPA does not)
+            raise ValueError("CUDA graphs cannot replay packed documents (doc_ids) while the flash_attn package "
+                             "is installed: train them without graphs")
         for t in trainable.values():
             torch._dynamo.mark_static_address(t)
         torch.compiler.cudagraph_mark_step_begin()
