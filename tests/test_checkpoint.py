@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(text=TextConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
                                   ffn_dim=64, max_seq_len=64))
 
-# A small training run over random text documents, resumable; argv: out_dir steps batch_per_rank sleep_per_batch
+# A small training run over random text documents, resumable;
+# argv: out_dir steps batch_per_rank sleep_per_batch repo_root prefetch_depth
 SCRIPT = r'''
 import os, sys, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -36,6 +37,7 @@ from ghostvis.train.data import BatchIterator
 from ghostvis.train.packing import Sample
 
 out, steps, per_rank, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+prefetch = int(sys.argv[6])
 cfg = ModelConfig(text=TextConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
                                   ffn_dim=64, max_seq_len=64))
 g = torch.Generator().manual_seed(0)
@@ -44,9 +46,10 @@ samples = [Sample(d, [True] * (len(d) - 1) + [False]) for d in docs]
 
 class Slow:
     def __init__(self, it): self.it = it
-    def __next__(self):
+    def __next__(self):  # the cursor moves before the pause: a prefetching thread is ahead while it sleeps
+        batch = next(self.it)
         time.sleep(pause)
-        return next(self.it)
+        return batch
     def state_dict(self): return self.it.state_dict()
     def load_state_dict(self, s): self.it.load_state_dict(s)
 
@@ -54,7 +57,8 @@ di = distributed.init("cpu")
 it = Slow(BatchIterator(samples, batch_size=per_rank, seq_len=32, rank=di.rank, world_size=di.world_size, seed=3))
 tc = loop.TrainConfig(steps=steps, batch_size=per_rank, seq_len=32, optimizer="muon", lr=1e-2, muon_lr=0.02, warmup=2,
                       weight_decay=0.01)
-rc = loop.RunConfig(name="r", out_dir=out, save_every=2, keep_last=2, resume=True, progress=False, plot=False)
+rc = loop.RunConfig(name="r", out_dir=out, save_every=2, keep_last=2, resume=True, progress=False, plot=False,
+                    prefetch=prefetch)
 loop.train(gv.init(cfg, seed=0), cfg, it, tc, rc, di)
 distributed.shutdown()
 '''
@@ -66,9 +70,9 @@ def _script(tmp_path) -> Path:
     return path
 
 
-def _run(script, out, steps, per_rank=4, pause=0.0, **kw):
-    return subprocess.Popen([sys.executable, str(script), str(out), str(steps), str(per_rank), str(pause), str(ROOT)],
-                            **kw)
+def _run(script, out, steps, per_rank=4, pause=0.0, prefetch=0, **kw):
+    return subprocess.Popen([sys.executable, str(script), str(out), str(steps), str(per_rank), str(pause), str(ROOT),
+                             str(prefetch)], **kw)
 
 
 def _losses(out):
@@ -133,6 +137,9 @@ def test_load_rejects_non_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_reproduces_losses_exactly(tmp_path):
+    """The killed and the resumed runs draw their batches ahead in a thread (``--run.prefetch 2``), the
+    reference in the loop: the losses must still be bit-identical, so the saved data cursor is that of
+    the batches trained on, not of those prefetched."""
     script = _script(tmp_path)
     steps = 12
     ref = _run(script, tmp_path / "ref", steps)
@@ -140,7 +147,7 @@ def test_sigkill_then_resume_reproduces_losses_exactly(tmp_path):
     want = _losses(tmp_path / "ref")
     assert len(want) == steps
 
-    victim = _run(script, tmp_path / "kill", steps, pause=0.15)
+    victim = _run(script, tmp_path / "kill", steps, pause=0.15, prefetch=2)
     metrics = tmp_path / "kill" / "r" / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline:  # kill once a checkpoint exists and a few more steps ran past it
@@ -151,6 +158,6 @@ def test_sigkill_then_resume_reproduces_losses_exactly(tmp_path):
     victim.wait()
     done = len(_losses(tmp_path / "kill"))
     assert 0 < done < steps, f"the kill should land mid-training, {done} steps had run"
-    resumed = _run(script, tmp_path / "kill", steps)
+    resumed = _run(script, tmp_path / "kill", steps, prefetch=2)
     assert resumed.wait(timeout=240) == 0
     assert _losses(tmp_path / "kill") == want  # bit-identical, not just close

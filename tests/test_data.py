@@ -353,3 +353,46 @@ def test_iterator_over_lazy_synthetic_data(tok):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         BatchIterator(ds, batch_size=64, seq_len=256)
 
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetcher_gives_the_iterators_batches_and_cursor(depth):
+    """Batches drawn ahead in a thread are the iterator's, in order, and the cursor is that of the
+    batches handed out (what a checkpoint must save), not of those drawn ahead."""
+    from ghostvis.train.data.prefetch import Prefetcher
+
+    samples = _text_samples(60)
+    ref = BatchIterator(samples, batch_size=2, seq_len=48, seed=2)
+    want = [(next(ref), ref.state_dict()) for _ in range(12)]  # crosses an epoch
+    with Prefetcher(BatchIterator(samples, batch_size=2, seq_len=48, seed=2), depth) as feed:
+        assert feed.state_dict() == {"epoch": 0, "step": 0, "seed": 2}
+        for batch, state in want:
+            got = next(feed)
+            assert all(torch.equal(got[k], batch[k]) for k in ("tokens", "targets", "positions", "doc_ids"))
+            assert feed.state_dict() == state
+    with pytest.raises(ValueError, match="at least 1"):
+        Prefetcher(iter([]), 0)
+
+
+def test_prefetcher_raises_the_iterators_errors_in_order_and_closes():
+    from ghostvis.train.data.prefetch import Prefetcher
+
+    def batches():
+        yield {"x": torch.zeros(1)}
+        yield {"x": torch.ones(1)}
+        raise RuntimeError("bad record 7")
+
+    feed = Prefetcher(batches(), 2)
+    assert float(next(feed)["x"]) == 0 and float(next(feed)["x"]) == 1
+    with pytest.raises(RuntimeError, match="bad record 7"):
+        next(feed)
+    with pytest.raises(StopIteration):
+        next(feed)
+    feed.close()
+    with pytest.raises(AttributeError, match="state_dict"):
+        feed.state_dict()
+    assert [float(b["x"]) for b in Prefetcher(iter([{"x": torch.full((1,), 5.0)}]), 1)] == [5.0]  # plain end
+    endless = Prefetcher(iter(lambda: {"x": torch.zeros(1)}, None), 2)  # a thread blocked on a full queue
+    next(endless)
+    endless.close()
+    assert not endless._thread.is_alive()

@@ -480,11 +480,14 @@ def test_cuda_graphs_are_checked(monkeypatch):
         fn({}, random_batch(), torch.ones(()))
 
 
-def test_loop_refuses_cuda_graphs_without_cuda(tmp_path):
+def test_loop_refuses_cuda_graphs_without_cuda_and_negative_prefetch(tmp_path):
     tc = loop.TrainConfig(steps=1, batch_size=2, seq_len=16, cuda_graphs=True, compile=True)
     rc = loop.RunConfig(out_dir=str(tmp_path), progress=False, device="cpu")
     with pytest.raises(ValueError, match="cuda-graphs needs"):
         loop.train(gv.init(CFG), CFG, iter(()), tc, rc)
+    with pytest.raises(ValueError, match="prefetch must be >= 0"):
+        loop.train(gv.init(CFG), CFG, iter(()), loop.TrainConfig(steps=1), loop.RunConfig(out_dir=str(tmp_path),
+                                                                                          prefetch=-1))
 
 
 @pytest.mark.gpu
