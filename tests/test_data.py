@@ -4,6 +4,7 @@ import json
 import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,6 +127,13 @@ def test_image_preprocessing():
     assert torch.allclose(x[0], torch.ones(16, 16)) and torch.allclose(x[1], -torch.ones(16, 16))
     gray = preprocess_image(Image.new("L", (16, 16), 0), 16)
     assert torch.allclose(gray, -torch.ones(3, 16, 16))
+    # every pixel value, bit for bit the float32 steps (x / 255 - 0.5) / 0.5, channels first and contiguous
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    noise[0, :, 0] = 0
+    noise[1, :, 0] = 255
+    x = preprocess_image(Image.fromarray(noise, "RGB"), 16)
+    want = (torch.from_numpy(noise).float().permute(2, 0, 1) / 255.0 - 0.5) / 0.5
+    assert x.is_contiguous() and torch.equal(x, want)
 
 
 # ---------------------------------------------------------------- LLaVA files
