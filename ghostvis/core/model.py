@@ -72,7 +72,8 @@ def merge_images(text_embeds: Tensor, tokens: Tensor, image_embeds: Tensor, imag
     shapes that do not depend on the data, so neither direction waits on the host
     (``masked_scatter``'s backward, a ``masked_select``, does) and the training step
     can be captured in a CUDA graph. Placeholders beyond the image tokens reuse the
-    last row; :func:`check_image_tokens` is what rejects such inputs.
+    last row: :func:`check_image_tokens` rejects such inputs in eager calls of
+    :func:`embed`, which skips the check (a host sync) under ``torch.compile``.
     """
     b, t, d = text_embeds.shape
     is_image = (tokens == image_token_id).reshape(-1)

@@ -77,10 +77,10 @@ class TrainConfig:
             every matmul output, recompute only the norms and SwiGLU feeding the projections).
         compile: ``torch.compile`` the gradient function.
         cuda_graphs: with ``compile`` on CUDA, replay the compiled gradient function as a CUDA
-            graph (``mode="reduce-overhead"``): one launch for the whole forward and backward, for
+            graph (``mode="reduce-overhead"``): one launch per micro-batch's forward and backward, for
             steps whose host cannot launch kernels as fast as the GPU runs them (small models,
             VLMs). Needs fixed batch shapes (each new shape records a graph), and no ``remat`` or
-            ``context_parallel``; packed documents only without the ``flash_attn`` package.
+            ``context_parallel``. Attention runs on SDPA (a dense mask for packed documents).
         dtype: compute dtype: ``float32``, or ``bfloat16`` (autocast; params and optimizer stay float32).
         seed: seed of the data order and of any randomness in training.
         max_bad_steps: stop after this many NaN/Inf steps in a row (each is skipped, not applied).

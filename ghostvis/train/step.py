@@ -413,15 +413,17 @@ def accumulate(grad_fn: Callable, trainable: Flat, micro_batches: Sequence[dict]
                normalizer: Tensor) -> tuple[Flat, Tensor]:
     """Sum ``grad_fn`` over micro-batches: ``(sum of grads, sum of losses)``.
 
-    With more than one micro-batch the first one's gradients are copied before the
-    next call (a CUDA-graph replay reuses its output memory; see :func:`graphed`).
+    With more than one micro-batch and a ``grad_fn`` whose ``reuses_outputs`` is true (a
+    CUDA-graph replay writes into the same memory each call; see :func:`graphed`), the first
+    micro-batch's gradients are copied before the next call.
     """
     total: Optional[Flat] = None
     loss = torch.zeros((), dtype=torch.float32, device=normalizer.device)
     for mb in micro_batches:
         grads, value = grad_fn(trainable, mb, normalizer)
         if total is None:
-            total = {k: g.clone() for k, g in grads.items()} if len(micro_batches) > 1 else dict(grads)
+            copy = len(micro_batches) > 1 and getattr(grad_fn, "reuses_outputs", False)
+            total = {k: g.clone() for k, g in grads.items()} if copy else dict(grads)
         else:
             torch._foreach_add_(list(total.values()), [grads[k] for k in total])
         loss = loss + value.detach().float()
@@ -438,30 +440,29 @@ def graphed(grad_fn: Callable, frozen: Flat, **compile_kwargs) -> Callable:
     short kernels) stops waiting on the host. Parameters (trainable and frozen) are
     read where they are (``torch._dynamo.mark_static_address``), so they must keep
     their storage between steps, as the in-place optimizers do; the batch is copied
-    into the graph's own inputs. Each call starts a new step
+    into the graph's inputs. Each call starts a new step
     (``torch.compiler.cudagraph_mark_step_begin``): its outputs are overwritten by the
-    next call, so use or copy them first (:func:`accumulate` does). Each new batch
-    shape records another graph. Packed documents (``doc_ids``) are refused where the
-    ``flash_attn`` package is installed (its varlen attention reads sizes on the host).
+    next call, so use or copy them first (the returned function has
+    ``reuses_outputs = True``, which tells :func:`accumulate` to copy). Each new batch
+    shape records another graph. Attention runs on SDPA (``ops.use(attention="sdpa")``):
+    for packed documents that is a dense document mask, which reads no sizes on the host,
+    where ``flash_attn``'s varlen entry point would.
     """
-    if compile_kwargs.get("mode", "reduce-overhead") != "reduce-overhead":
-        raise ValueError(f"CUDA graphs compile in mode 'reduce-overhead', got mode={compile_kwargs['mode']!r}")
-    from ..ops.attention_backends import flash_attn_module
-
-    compiled = compile(grad_fn, **(compile_kwargs | {"mode": "reduce-overhead"}))
+    mode = compile_kwargs.pop("mode", "reduce-overhead")
+    if mode != "reduce-overhead":
+        raise ValueError(f"CUDA graphs compile in mode 'reduce-overhead', got mode={mode!r}")
+    compiled = compile(grad_fn, mode="reduce-overhead", **compile_kwargs)
     for t in frozen.values():
         torch._dynamo.mark_static_address(t)
 
     def fn(trainable: Flat, batch: dict, normalizer: Tensor):
-        if batch.get("doc_ids") is not None and flash_attn_module() is not None:
-            # flash_attn's varlen entry point sizes its launch on the host (the dense-mask SDPA does not)
-            raise ValueError("CUDA graphs cannot replay packed documents (doc_ids) while the flash_attn package "
-                             "is installed: train them without graphs")
         for t in trainable.values():
             torch._dynamo.mark_static_address(t)
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(trainable, batch, normalizer)
+        with ops.use(attention="sdpa"):
+            return compiled(trainable, batch, normalizer)
 
+    fn.reuses_outputs = True
     return fn
 
 
