@@ -360,8 +360,14 @@ def test_iterator_over_lazy_synthetic_data(tok):
     assert int((b["tokens"] == tok.image_id).sum()) == n_images * N_IMG and n_images >= 4
     with pytest.raises(ValueError, match="fewer than one global batch"):
         BatchIterator(ds, batch_size=64, seq_len=256)
+    from ghostvis.train.data.prefetch import WorkerFeed
 
-
+    fresh = [BatchIterator(ds, batch_size=2, seq_len=256, pad_id=tok.pad_id, image_token_id=tok.image_id)
+             for _ in range(2)]
+    with WorkerFeed(fresh[0], workers=2) as feed:  # images drawn in worker processes arrive whole and in order
+        for _ in range(3):
+            want, got = next(fresh[1]), next(feed)
+            assert all(torch.equal(got[k], want[k]) for k in ("tokens", "targets", "images"))
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_prefetcher_gives_the_iterators_batches_and_cursor(depth):
@@ -404,3 +410,25 @@ def test_prefetcher_raises_the_iterators_errors_in_order_and_closes():
     next(endless)
     endless.close()
     assert not endless._thread.is_alive()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_worker_feed_gives_the_iterators_batches_and_cursor(packed):
+    """Batches drawn by two worker processes are the iterator's, in order, across epochs, with its cursor;
+    a feed started from a loaded cursor continues where the iterator would."""
+    from ghostvis.train.data.prefetch import WorkerFeed
+
+    samples = _text_samples(50)
+    ref = BatchIterator(samples, batch_size=2, seq_len=48, packed=packed, seed=4)
+    want = [(next(ref), ref.state_dict()) for _ in range(30)]  # several epochs
+    it = BatchIterator(samples, batch_size=2, seq_len=48, packed=packed, seed=4)
+    it.load_state_dict(want[6][1])
+    with WorkerFeed(it, workers=2, depth=2) as feed:
+        assert feed.state_dict() == want[6][1]
+        for batch, state in want[7:]:
+            got = next(feed)
+            assert all(torch.equal(got[k], batch[k]) for k in ("tokens", "targets", "positions", "doc_ids"))
+            assert feed.state_dict() == state
+    assert it.state_dict() == want[6][1]  # the feed never moves the iterator's own cursor
+    with pytest.raises(TypeError, match="need a BatchIterator"):
+        WorkerFeed(iter([]), workers=1)

@@ -539,3 +539,28 @@ def test_gpu_cuda_graph_steps_match_compiled_steps():
         assert l1 == pytest.approx(l0, rel=1e-5) and n1 == pytest.approx(n0, rel=1e-4)
     for k in finals[0]:
         torch.testing.assert_close(finals[1][k], finals[0][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("feed", [{"prefetch": 2}, {"data_workers": 2}])
+def test_loop_trains_the_same_from_a_thread_or_worker_processes(tmp_path, feed):
+    """Batches drawn ahead (a thread, or two worker processes) give the losses and the checkpointed data
+    cursor of batches drawn in the loop."""
+    from ghostvis.train.data import BatchIterator
+    from ghostvis.train.packing import Sample
+
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(8, 64, (int(torch.randint(4, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(60)]
+    samples = [Sample(d, [True] * (len(d) - 1) + [False]) for d in docs]
+    cfg = ModelConfig(text=CFG.text)
+    tc = loop.TrainConfig(steps=7, batch_size=2, seq_len=24, warmup=2, lr=1e-2)
+    runs = {}
+    for name, kw in (("plain", {"prefetch": 0}), ("ahead", feed)):
+        rc = loop.RunConfig(name=name, out_dir=str(tmp_path), save_every=3, progress=False, plot=False, **kw)
+        loop.train(gv.init(cfg, seed=0), cfg, BatchIterator(samples, batch_size=2, seq_len=24, seed=1), tc, rc)
+        runs[name] = ([r["loss"] for r in loop.read_metrics(tmp_path / name)],
+                      [json.loads((tmp_path / name / "checkpoints" / c / "state.json").read_text())["data"]
+                       for c in ("step_000006", "step_000007")])
+    assert runs["ahead"] == runs["plain"]
+    with pytest.raises(ValueError, match="data-workers must be >= 0"):
+        loop.train(gv.init(cfg), cfg, iter(()), tc, loop.RunConfig(out_dir=str(tmp_path), data_workers=-1))

@@ -36,7 +36,7 @@ from ..core.tree import merge, tree_map
 from ..ops import ring
 from . import checkpoint as ckpt
 from . import distributed
-from .data.prefetch import Prefetcher
+from .data.prefetch import Prefetcher, WorkerFeed
 from .optim import make_optimizer
 from .schedule import lr_schedule
 from .step import StepResult, make_train_step, partition
@@ -144,6 +144,10 @@ class RunConfig:
         prefetch: batches drawn ahead in a background thread (pinned, on CUDA) while a step
             trains (:class:`ghostvis.train.data.prefetch.Prefetcher`); 0 draws each batch in the
             loop. Default: 2 on CUDA, 0 on the CPU (where the thread would take the step's cores).
+        data_workers: processes drawing batches instead of the thread (each ``prefetch`` batches
+            ahead, 2 if that is 0 or unset), for data slower to draw than a step trains (many
+            images a batch); needs a :class:`ghostvis.train.data.BatchIterator`
+            (:class:`ghostvis.train.data.prefetch.WorkerFeed`). 0: none.
     """
 
     name: str = "run"
@@ -156,6 +160,7 @@ class RunConfig:
     log_every: int = 5
     plot: bool = True
     prefetch: Optional[int] = None
+    data_workers: int = 0
 
     @property
     def run_dir(self) -> Path:
@@ -346,6 +351,8 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
                          "or --train.context-parallel")
     if rc.prefetch is not None and rc.prefetch < 0:
         raise ValueError(f"--run.prefetch must be >= 0, got {rc.prefetch}")
+    if rc.data_workers < 0:
+        raise ValueError(f"--run.data-workers must be >= 0, got {rc.data_workers}")
     main = di.is_main
     run_dir = rc.run_dir
     ckpt_root = run_dir / "checkpoints"
@@ -421,7 +428,10 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
         distributed.barrier()
 
     depth = rc.prefetch if rc.prefetch is not None else (2 if device.type == "cuda" else 0)
-    feed = Prefetcher(batches, depth, pin=device.type == "cuda") if depth else batches
+    if rc.data_workers:
+        feed = WorkerFeed(batches, rc.data_workers, rc.prefetch or 2, pin=device.type == "cuda")
+    else:
+        feed = Prefetcher(batches, depth, pin=device.type == "cuda") if depth else batches
     bar = _Progress(rc.progress and main, tc.steps, start, rc.name)
     t_start = time.perf_counter()
     t_last, steps_since = t_start, 0

@@ -21,7 +21,7 @@ cut would split an image's placeholder run is dropped and counted in ``dropped``
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from ..packing import Sample, best_fit_decreasing, collate_rows, truncate
 
@@ -121,12 +121,24 @@ class BatchIterator:
     def __iter__(self) -> "BatchIterator":
         return self
 
-    def __next__(self) -> dict:
-        if self.step >= len(self.epoch_rows(self.epoch)) // self.global_batch_size:
-            self.epoch, self.step = self.epoch + 1, 0
-        rows = self.batch_rows(self.epoch, self.step)
-        self.step += 1
+    def plan(self, epoch: Optional[int] = None, step: Optional[int] = None) -> Iterator[tuple[int, int]]:
+        """``(epoch, step)`` of every batch that ``next`` gives from the cursor (or from ``epoch, step``), forever."""
+        e, s = (self.epoch, self.step) if epoch is None else (epoch, step)
+        while True:
+            if s >= len(self.epoch_rows(e)) // self.global_batch_size:
+                e, s = e + 1, 0
+            yield e, s
+            s += 1
+
+    def batch_at(self, epoch: int, step: int) -> dict:
+        """Batch ``step`` of ``epoch`` (this rank's rows): a pure function of the two, whatever the cursor."""
+        rows = self.batch_rows(epoch, step)
         return collate_rows([[self._sample(i) for i in row] for row in rows], self.seq_len, self.pad_id)
+
+    def __next__(self) -> dict:
+        epoch, step = next(self.plan())
+        self.epoch, self.step = epoch, step + 1
+        return self.batch_at(epoch, step)
 
     def state_dict(self) -> dict:
         """The cursor as plain ints: ``{"epoch", "step", "seed"}``."""

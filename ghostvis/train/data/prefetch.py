@@ -1,9 +1,11 @@
-"""Batches prepared ahead, in a background thread, while the current step trains.
+"""Batches prepared ahead, in a background thread or in worker processes, while the current step trains.
 
     feed = Prefetcher(batches, depth=2, pin=True)   # batches: e.g. a BatchIterator
     batch = next(feed)                               # ready, or waits for the thread
     cursor = feed.state_dict()                       # the cursor after the batches handed out
     feed.close()
+
+    feed = WorkerFeed(batch_iterator, workers=4, depth=2, pin=True)   # the same, drawn by 4 processes
 
 Drawing a batch is host work: images decoded or drawn, rows collated, tensors stacked
 (each a fresh allocation the kernel must fault in). Done in the training loop, the GPU
@@ -13,6 +15,14 @@ thread, up to ``depth`` batches ahead, and with ``pin`` copies each batch into p
 asynchronous. One thread keeps the order, so the batches are exactly those the iterator
 gives in the loop; :meth:`state_dict` is the iterator's cursor as it was right after the
 last batch handed out, so a checkpoint resumes from the same batch either way.
+
+One thread is enough while drawing a batch takes less time than a step. Drawing
+pictures is Python work that holds the interpreter's lock, so where a batch takes
+longer than a step (a VLM's batch of many images), :class:`WorkerFeed` draws batches in
+several processes: a :class:`~ghostvis.train.data.BatchIterator`'s batch is a pure
+function of its ``(epoch, step)`` (:meth:`~ghostvis.train.data.BatchIterator.batch_at`),
+so workers draw the planned batches in parallel and torch's ``DataLoader`` hands them
+back in order.
 """
 
 from __future__ import annotations
@@ -105,6 +115,84 @@ class Prefetcher:
         self._thread.join(timeout=30)
 
     def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _BatchAt(torch.utils.data.Dataset):
+    """A map-style dataset whose keys are ``(epoch, step)`` and whose items are that batch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        return self.batches.batch_at(*key)
+
+
+class _Plan(torch.utils.data.Sampler):
+    """The ``(epoch, step)`` keys of the batches to come, forever."""
+
+    def __init__(self, batches, epoch: int, step: int):
+        self.batches, self.epoch, self.step = batches, epoch, step
+
+    def __iter__(self):
+        return self.batches.plan(self.epoch, self.step)
+
+
+class WorkerFeed:
+    """A :class:`~ghostvis.train.data.BatchIterator`'s batches, drawn by ``workers`` processes, in order.
+
+    Args:
+        batches: the iterator; it needs ``plan``, ``batch_at`` and ``state_dict``. Its cursor
+            is where the feed starts (load a checkpoint's cursor into it first); the feed
+            never moves it.
+        workers: processes drawing batches (torch ``DataLoader`` workers, one torch thread each).
+        depth: batches each worker draws ahead.
+        pin: copy batches into pinned memory (CUDA only).
+
+    :meth:`state_dict` is the cursor after the last batch handed out, the same as the
+    iterator's own after as many ``next`` calls. Call :meth:`close` when done.
+    """
+
+    def __init__(self, batches, workers: int, depth: int = 2, *, pin: bool = False):
+        if workers < 1 or depth < 1:
+            raise ValueError(f"WorkerFeed needs workers >= 1 and depth >= 1, got {workers} and {depth}")
+        missing = [m for m in ("plan", "batch_at", "state_dict") if not callable(getattr(batches, m, None))]
+        if missing:
+            raise TypeError(f"data workers need a BatchIterator; {type(batches).__name__} has no {', '.join(missing)}")
+        self._state = dict(batches.state_dict())
+        self._keys = batches.plan(self._state["epoch"], self._state["step"])
+        loader = torch.utils.data.DataLoader(_BatchAt(batches), sampler=_Plan(batches, self._state["epoch"],
+                                                                              self._state["step"]),
+                                             batch_size=None, num_workers=workers, prefetch_factor=depth,
+                                             pin_memory=pin)
+        self._loader = iter(loader)
+
+    def __iter__(self) -> "WorkerFeed":
+        return self
+
+    def __next__(self) -> dict:
+        if self._loader is None:
+            raise StopIteration
+        batch = next(self._loader)
+        epoch, step = next(self._keys)
+        self._state = {**self._state, "epoch": epoch, "step": step + 1}
+        return batch
+
+    def state_dict(self) -> dict:
+        """The cursor after the last batch handed out (as the iterator's would be)."""
+        return dict(self._state)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        loader, self._loader = self._loader, None
+        shutdown = getattr(loader, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+
+    def __enter__(self) -> "WorkerFeed":
         return self
 
     def __exit__(self, *exc) -> None:
