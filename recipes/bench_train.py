@@ -35,6 +35,7 @@ from ghostvis.core.decoder import block as decoder_block
 from ghostvis.core.decoder import fuse_projections
 from ghostvis.train.optim import AdamW
 from ghostvis.train.step import compile as compile_transform
+from ghostvis.train.step import graphed
 from ghostvis.train.step import value_and_grad
 
 PEAK_FLOPS = 989e12
@@ -147,7 +148,7 @@ INDUCTOR_OPS = {"rms_norm": "reference", "add_rms_norm": "reference", "swiglu": 
 # "stacked-block-loop" runs ``decoder.block`` per layer (separate residual adds, not fused into the norms);
 # "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS per shape;
 # "fused-mlp" forces the MLP op with SwiGLU in its matmuls' epilogues (``ghostvis.ops.mlp``);
-# "reduce-overhead" replays the compiled gradient function as a CUDA graph (parameters marked static)
+# "reduce-overhead" replays the compiled gradient function as a CUDA graph (``train.step.graphed``)
 ROWS = {
     "ghostvis": (True, "default", "stacked"),
     "ghostvis-separate": (True, "default", "separate"),
@@ -200,15 +201,13 @@ def ghostvis_step(cfg: gv.ModelConfig, batch: dict, *, compiled: bool, which: st
     if layout == "stored":
         params = {**params, "text": fuse_projections(params["text"])}
     params = gv.flatten(params)
-    if mode == "reduce-overhead":  # updated in place, so a CUDA graph may read them where they are
-        for t in params.values():
-            torch._dynamo.mark_static_address(t)
     opt = AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
     state = opt.init(params)
     grad_fn = value_and_grad(cfg, {}, select=False, stacked=layout.startswith("stacked"),
                              block_fn=decoder_block if layout == "stacked-block-loop" else None)
     if compiled:
-        grad_fn = compile_transform(grad_fn, mode=mode)
+        # reduce-overhead: the training loop's --train.cuda-graphs (parameters read in place)
+        grad_fn = graphed(grad_fn, {}) if mode == "reduce-overhead" else compile_transform(grad_fn, mode=mode)
     normalizer = (batch["targets"] != -100).sum().float()
 
     def step():
