@@ -100,6 +100,9 @@ def test_merge_images_matches_masked_scatter(b, t, data):
     grads = torch.autograd.grad((ours * up).sum(), (text, imgs))
     ref_grads = torch.autograd.grad((ref * up).sum(), (text, imgs))
     assert all(torch.equal(a, r) for a, r in zip(grads, ref_grads))
+    # image tokens of another dtype are cast to the text's
+    assert torch.equal(merge_images(text, tokens, imgs.float(), 3), text.masked_scatter((tokens == 3)[..., None],
+                                                                                        imgs.float().double()))
 
 
 def test_placeholder_mismatch_names_both_counts():
