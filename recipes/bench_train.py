@@ -56,7 +56,8 @@ class BenchTrain:
     warmup: int = 3
     """Untimed steps first (compilation happens here)."""
     rows: list[str] = field(default_factory=lambda: ["ghostvis", "ghostvis-reference", "plain", "hf"])
-    """Which implementations to run (see ``ROWS`` in recipes/bench_train.py)."""
+    """Which implementations to run: the names in ``ROWS`` in recipes/bench_train.py, plus plain, hf,
+    ghostvis-trainer and ghostvis-trainer-graphs."""
     profile: bool = False
     """Also profile two steps per row and print GPU time per kernel category."""
     out: str = "bench_out"
