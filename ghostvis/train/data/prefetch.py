@@ -122,13 +122,13 @@ class Prefetcher:
 
 
 class _BatchAt(torch.utils.data.Dataset):
-    """A map-style dataset whose keys are ``(epoch, step)`` and whose items are that batch."""
+    """A map-style dataset whose keys are ``(epoch, step)`` and whose items are ``(key, that batch)``."""
 
     def __init__(self, batches):
         self.batches = batches
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        return self.batches.batch_at(*key)
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int], dict]:
+        return key, self.batches.batch_at(*key)
 
 
 class _Plan(torch.utils.data.Sampler):
@@ -163,11 +163,9 @@ class WorkerFeed:
         if missing:
             raise TypeError(f"data workers need a BatchIterator; {type(batches).__name__} has no {', '.join(missing)}")
         self._state = dict(batches.state_dict())
-        self._keys = batches.plan(self._state["epoch"], self._state["step"])
-        loader = torch.utils.data.DataLoader(_BatchAt(batches), sampler=_Plan(batches, self._state["epoch"],
-                                                                              self._state["step"]),
-                                             batch_size=None, num_workers=workers, prefetch_factor=depth,
-                                             pin_memory=pin)
+        plan = _Plan(batches, self._state["epoch"], self._state["step"])
+        loader = torch.utils.data.DataLoader(_BatchAt(batches), sampler=plan, batch_size=None,
+                                             num_workers=workers, prefetch_factor=depth, pin_memory=pin)
         self._loader = iter(loader)
 
     def __iter__(self) -> "WorkerFeed":
@@ -176,8 +174,7 @@ class WorkerFeed:
     def __next__(self) -> dict:
         if self._loader is None:
             raise StopIteration
-        batch = next(self._loader)
-        epoch, step = next(self._keys)
+        (epoch, step), batch = next(self._loader)  # the key travels with its batch
         self._state = {**self._state, "epoch": epoch, "step": step + 1}
         return batch
 
