@@ -124,6 +124,39 @@ def test_muon_matches_a_per_matrix_reference():
         torch.testing.assert_close(params[k], ref[k], atol=1e-5, rtol=1e-5)
 
 
+def leaves(params, state):
+    return list(params.values()) + list(gv.flatten(state).values())
+
+
+@pytest.mark.parametrize("kind", ["adamw-fused", "adamw-foreach", "muon"])
+def test_found_inf_skips_the_update_and_zero_applies_it(kind):
+    """A set flag leaves params and state as they were; a clear flag is the plain update."""
+    g = torch.Generator().manual_seed(3)
+    params = {"text.layers.0.attn.wq": torch.randn(6, 4, generator=g), "text.norm": torch.randn(4, generator=g)}
+    opt = {"adamw-fused": AdamW(lr=0.1, weight_decay=0.1, fused=True),
+           "adamw-foreach": AdamW(lr=0.1, weight_decay=0.1, fused=False),
+           "muon": make_optimizer("muon", lr=0.1, muon_lr=0.1, weight_decay=0.1)}[kind]
+    try:
+        mine, ref = ({k: v.clone() for k, v in params.items()} for _ in range(2))
+        s_mine, s_ref = opt.init(mine), opt.init(ref)
+        for step in range(3):
+            grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+            before = [t.clone() for t in leaves(mine, s_mine)]
+            nan = {k: torch.full_like(v, float("nan")) for k, v in grads.items()}
+            opt.update(mine, nan, s_mine, step, found_inf=torch.tensor(1.0))
+            for a, b in zip(before, leaves(mine, s_mine)):
+                assert torch.equal(a, b)
+            opt.update(mine, grads, s_mine, step, found_inf=torch.tensor(0.0))
+            opt.update(ref, {k: v.clone() for k, v in grads.items()}, s_ref, step)
+    except RuntimeError as e:
+        if "fused" in str(e).lower():
+            pytest.skip(f"fused AdamW not available here: {e}")
+        raise
+    for a, b in zip(leaves(mine, s_mine), leaves(ref, s_ref)):
+        assert torch.equal(a, b)
+    assert optim.num_updates(s_mine) == 3  # skipped steps are not counted
+
+
 def test_muon_rejects_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         Muon().init({"text.norm": torch.ones(3)})
@@ -144,6 +177,22 @@ def test_clip_matches_torch_clip_grad_norm():
     small = {"x": torch.tensor([0.3, 0.4])}
     clip_by_global_norm(small, 1.0)
     assert torch.equal(small["x"], torch.tensor([0.3, 0.4]))  # under the limit: untouched
+    for bad in (float("nan"), float("inf")):  # a non-finite norm (a skipped step) leaves them too
+        odd = {"x": torch.tensor([0.3, bad])}
+        clip_by_global_norm(odd, 1.0)
+        assert torch.equal(odd["x"][:1], torch.tensor([0.3]))
+
+
+@pytest.mark.parametrize("norm", [0.5, 1.0, 2.5, 40.0])
+def test_clip_by_a_float_norm_and_by_a_tensor_norm_agree(norm):
+    _, grads = _problem()
+    a, b = ({k: v.clone() for k, v in grads[1].items()} for _ in range(2))
+    optim.scale_to_max_norm_(a, 1.0, norm)
+    optim.scale_to_max_norm_(b, 1.0, torch.tensor(norm))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=1e-6)
+        if norm <= 1.0:
+            assert torch.equal(a[k], grads[1][k])
 
 
 @given(st.sampled_from(schedule.KINDS), st.integers(0, 20), st.integers(21, 200), st.floats(0.0, 0.5))

@@ -10,7 +10,7 @@ import torch
 import ghostvis as gv
 from ghostvis.core.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
 from ghostvis.core.tree import flatten, merge
-from ghostvis.train import loop, step as tstep
+from ghostvis.train import loop, optim, step as tstep
 from ghostvis.train.loss import loss_fn
 from ghostvis.train.optim import AdamW, make_optimizer
 
@@ -228,21 +228,60 @@ def test_compiled_remat_step_runs_kernels_with_their_own_autograd():
         dispatch._REGISTRY["rms_norm"] = [x for x in dispatch._REGISTRY["rms_norm"] if x.name != "function"]
 
 
-def test_nonfinite_step_is_skipped_and_changes_nothing():
+@pytest.mark.parametrize("kind", ["adamw", "adamw-fused", "muon"])
+def test_nonfinite_step_is_skipped_and_changes_nothing(kind):
+    # fused AdamW skips on the device (found_inf); the others read the flag on the host
     params = gv.init(CFG, seed=5)
     trainable, frozen = tstep.partition(params, "all")
-    opt = AdamW(lr=1e-2)
+    opt = {"adamw": AdamW(lr=1e-2), "adamw-fused": AdamW(lr=1e-2, fused=True),
+           "muon": make_optimizer("muon", lr=1e-2)}[kind]
     state = opt.init(trainable)
     train_step = tstep.make_train_step(CFG, opt, frozen)
     bad = random_batch(seed=5)
     bad["images"][0, 0, 0, 0] = float("nan")
-    before = {k: v.clone() for k, v in trainable.items()}
+    before = {k: v.clone() for k, v in {**trainable, **gv.flatten(state)}.items()}
     trainable, state, res = train_step(trainable, state, [bad], 0)
-    assert res.skipped and int(state["count"]) == 0
-    for k in before:
-        assert torch.equal(trainable[k], before[k])
+    assert res.skipped and math.isnan(res.loss) and optim.num_updates(state) == 0
+    for k, v in {**trainable, **gv.flatten(state)}.items():
+        assert torch.equal(v, before[k]), k
     trainable, state, res = train_step(trainable, state, [random_batch(seed=6)], 0)
-    assert not res.skipped and int(state["count"]) == 1
+    assert not res.skipped and optim.num_updates(state) == 1
+    assert any(not torch.equal(v, before[k]) for k, v in trainable.items())
+
+
+def test_step_result_reads_once_and_formats():
+    r = tstep.StepResult.from_device(torch.tensor([2.5, 0.75, 40.0, 0.0], dtype=torch.float64))
+    assert r.ready() and (r.loss, r.grad_norm, r.tokens, r.skipped) == (2.5, 0.75, 40, False)
+    assert repr(r) == "StepResult(loss=2.5, grad_norm=0.75, tokens=40, skipped=False)"
+    assert tstep.StepResult(1.0, 2.0, 3, True).skipped
+
+
+def test_loop_reads_each_step_after_queueing_the_next(tmp_path, monkeypatch):
+    """The host queues step n + 1 before it reads step n's numbers (so it never waits for the GPU
+    between steps), except after a skipped step and before a checkpoint."""
+    events = []
+    real = loop.make_train_step
+
+    def spying(*a, **k):
+        inner = real(*a, **k)
+
+        def step_fn(trainable, state, micro, step):
+            trainable, state, res = inner(trainable, state, micro, step)
+            events.append(f"run {step}")
+            read = res._read
+            res._read = lambda: (events.append(f"read {step}") if res._pending is not None else None) or read()
+            return trainable, state, res
+        return step_fn
+
+    monkeypatch.setattr(loop, "make_train_step", spying)
+    tc = loop.TrainConfig(steps=7, batch_size=2, seq_len=24, warmup=1, lr=1e-2)
+    rc = loop.RunConfig(name="q", out_dir=str(tmp_path), save_every=4, progress=False, plot=False)
+    res = loop.train(gv.init(CFG, seed=0), CFG, Batches(poison={1}), tc, rc)
+    assert events == ["run 0", "run 1", "read 0", "run 2", "read 1",
+                      "read 2",  # step 1 was skipped: step 2 is read at once
+                      "run 3", "read 3",  # a checkpoint after step 3
+                      "run 4", "run 5", "read 4", "run 6", "read 5", "read 6"]
+    assert res.skipped == 1 and [r["step"] for r in loop.read_metrics(tmp_path / "q")] == list(range(7))
 
 
 class Batches:
@@ -539,6 +578,37 @@ def test_gpu_cuda_graph_steps_match_compiled_steps():
         assert l1 == pytest.approx(l0, rel=1e-5) and n1 == pytest.approx(n0, rel=1e-4)
     for k in finals[0]:
         torch.testing.assert_close(finals[1][k], finals[0][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("images", [False, True])
+def test_gpu_train_step_never_waits_for_the_device(images):
+    """With fused AdamW (the default on CUDA) a whole step, a skipped one too (a NaN image), is queued
+    without a host sync: torch's sync debug mode raises on any. Its numbers are read afterwards."""
+    params = {k: v.cuda() for k, v in gv.flatten(gv.init(CFG, seed=3)).items()}
+    opt = AdamW(lr=1e-3)
+    state = opt.init(params)
+    step = tstep.make_train_step(CFG, opt, {}, grad_clip=0.1)
+
+    def cuda(b):
+        return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+    good, bad = cuda(random_batch(seed=1, t=32, images=images)), cuda(random_batch(seed=2, t=32))
+    bad["images"][0, 0, 0, 0] = float("nan")
+    params, state, _ = step(params, state, [good], 0)  # warm-up: first calls may initialise lazily
+    torch.cuda.synchronize()
+    before = {k: v.clone() for k, v in params.items()}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        params, state, r_bad = step(params, state, [bad], 1)
+        after_bad = {k: v.clone() for k, v in params.items()}
+        params, state, r_good = step(params, state, [good], 2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert r_bad.skipped and not r_good.skipped and math.isfinite(r_good.loss)
+    assert optim.num_updates(state) == 2
+    assert all(torch.equal(v, before[k]) for k, v in after_bad.items())
+    assert any(not torch.equal(v, before[k]) for k, v in params.items())
 
 
 @pytest.mark.parametrize("feed", [{"prefetch": 2}, {"data_workers": 2}])

@@ -406,14 +406,19 @@ class ShardedOptimizer:
         flat = as_flat(params)
         return self.inner.init(self._mine(flat, self.owners(flat), self.rank))
 
-    def update(self, params, grads, state: dict, step: int):
-        """Update this rank's tensors, then broadcast every tensor from its owner; returns ``(params, state)``."""
+    def update(self, params, grads, state: dict, step: int, found_inf: Optional[torch.Tensor] = None):
+        """Update this rank's tensors, then broadcast every tensor from its owner; returns ``(params, state)``.
+
+        ``found_inf`` (the same flag on every rank) is handed to the wrapped optimizer; a skipped
+        step broadcasts unchanged tensors.
+        """
         p, g = as_flat(params), as_flat(grads)
         if p.keys() != g.keys():
             raise KeyError(f"grads do not match params: {sorted(p.keys() ^ g.keys())[:5]}")
         owners = self.owners(p)
         mine = self._mine(p, owners, self.rank)
-        self.inner.update(mine, {n: g[n] for n in mine}, state, step)
+        extra = {} if found_inf is None else {"found_inf": found_inf}
+        self.inner.update(mine, {n: g[n] for n in mine}, state, step, **extra)
         self._broadcast_from_owners(p, owners)
         return params, state
 

@@ -436,7 +436,43 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
     t_start = time.perf_counter()
     t_last, steps_since = t_start, 0
     bad_streak = 0
-    result = StepResult(math.nan, math.nan, 0, False)
+    result = StepResult()
+
+    def finish(step: int, micro: list[dict], result: StepResult) -> None:
+        """Book-keep one step whose numbers are read now (the step after it may be running)."""
+        nonlocal skipped, bad_streak, t_last, steps_since
+        now = time.perf_counter()
+        if result.skipped:
+            skipped += 1
+            bad_streak += 1
+            bad_path = _save_bad_batch(run_dir, step, micro) if main else None
+            log.warning("step %d: non-finite loss %s / grad norm %s; step skipped (batch saved to %s)",
+                        step, result.loss, result.grad_norm, bad_path)
+            if bad_streak >= tc.max_bad_steps:
+                raise TrainingDiverged(f"step {step}: loss {result.loss} / grad norm {result.grad_norm} was "
+                                       f"NaN/Inf for {bad_streak} steps in a row; the last batch is saved at "
+                                       f"{bad_path}; params are those of step {step - bad_streak}")
+        else:
+            bad_streak = 0
+        steps_since += 1
+        record = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": lr_at(step),
+                  "tokens": result.tokens, "elapsed_s": round(now - t_start, 3), "skipped": result.skipped}
+        history.append(record)
+        if main:
+            append_metrics(run_dir, record)
+        postfix = None
+        if (step + 1) % rc.log_every == 0 or step + 1 == tc.steps:
+            tok_s = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+            postfix = {"loss": f"{result.loss:.4f}", "tok/s": f"{tok_s:,.0f}"}
+            if device.type == "cuda":
+                postfix["mfu"] = f"{100 * flops_tok * tok_s / di.world_size / H100_BF16_FLOPS:.1f}%"
+            t_last, steps_since = now, 0
+        bar.update(1, postfix)
+
+    # Step n's numbers are read once step n + 1 is queued, so the host never waits for the GPU
+    # between steps. After a non-finite step the next one is read at once too (a streak stops the
+    # run exactly where a loop reading each step at once would), and before a checkpoint.
+    queued: list[tuple[int, list[dict], StepResult]] = []
     try:
         for step in range(start, tc.steps):
             micro = [to_device(next(feed), device) for _ in range(tc.grad_accum)]
@@ -446,34 +482,11 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
                     trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
             else:
                 trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
-            now = time.perf_counter()
-            if result.skipped:
-                skipped += 1
-                bad_streak += 1
-                bad_path = _save_bad_batch(run_dir, step, micro) if main else None
-                log.warning("step %d: non-finite loss %s / grad norm %s; step skipped (batch saved to %s)",
-                            step, result.loss, result.grad_norm, bad_path)
-                if bad_streak >= tc.max_bad_steps:
-                    raise TrainingDiverged(f"step {step}: loss {result.loss} / grad norm {result.grad_norm} was "
-                                           f"NaN/Inf for {bad_streak} steps in a row; the last batch is saved at "
-                                           f"{bad_path}; params are those of step {step - bad_streak}")
-            else:
-                bad_streak = 0
-            steps_since += 1
-            record = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": lr_at(step),
-                      "tokens": result.tokens, "elapsed_s": round(now - t_start, 3), "skipped": result.skipped}
-            history.append(record)
-            if main:
-                append_metrics(run_dir, record)
-            postfix = None
-            if (step + 1) % rc.log_every == 0 or step + 1 == tc.steps:
-                tok_s = tokens_per_step * steps_since / max(now - t_last, 1e-9)
-                postfix = {"loss": f"{result.loss:.4f}", "tok/s": f"{tok_s:,.0f}"}
-                if device.type == "cuda":
-                    postfix["mfu"] = f"{100 * flops_tok * tok_s / di.world_size / H100_BF16_FLOPS:.1f}%"
-                t_last, steps_since = now, 0
-            bar.update(1, postfix)
-            if rc.save_every and (step + 1) % rc.save_every == 0 and step + 1 < tc.steps:
+            queued.append((step, micro, result))
+            saving = rc.save_every and (step + 1) % rc.save_every == 0 and step + 1 < tc.steps
+            while queued and (len(queued) > 1 or bad_streak or saving or step + 1 == tc.steps):
+                finish(*queued.pop(0))
+            if saving:
                 save(step + 1)
     finally:
         bar.close()

@@ -21,6 +21,12 @@ update of a *matrix*, which only makes sense for the 2-D weights inside blocks
 Everything else takes AdamW: token and position embeddings, the LM head, the
 perceiver latents, the 4-D patch embedding, norms and biases.
 
+Skipping a step: ``update(..., found_inf=flag)`` with a float32 scalar tensor
+(1.0 = skip, 0.0 = apply) leaves ``params`` and ``state`` untouched when the flag is
+set. Fused AdamW reads the flag on the device, so the host never waits for it (a
+train step can be queued whole, its loss read later); the other paths read it on
+the host first.
+
 Weight decay (:func:`decays`): matrices decay; vectors (norms, biases) and
 embedding tables (``text.embed``, ``vision.pos_embed``, ``connector.latents``)
 never do, since decaying a lookup table pulls rare tokens to zero.
@@ -100,13 +106,21 @@ def global_norm(grads) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
-def scale_to_max_norm_(grads, max_norm: float, norm: float) -> None:
-    """Scale ``grads`` in place by ``max_norm / norm`` when their global ``norm`` (a float) exceeds it.
+def scale_to_max_norm_(grads, max_norm: float, norm: float | Tensor) -> None:
+    """Scale ``grads`` in place by ``max_norm / norm`` when their global ``norm`` exceeds it.
 
     ``max_norm <= 0`` disables clipping; a non-finite norm leaves the gradients untouched.
+    ``norm`` may be a float, or a scalar tensor (as :func:`global_norm` returns): then the
+    scale is computed and applied on the tensor's device and the host never waits for it.
     """
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        torch._foreach_mul_(list(as_flat(grads).values()), max_norm / (norm + 1e-6))
+    if max_norm <= 0:
+        return
+    gs = list(as_flat(grads).values())
+    if isinstance(norm, Tensor):
+        coef = max_norm / (norm.float() + 1e-6)
+        torch._foreach_mul_(gs, torch.where(torch.isfinite(norm) & (norm > max_norm), coef, torch.ones_like(coef)))
+    elif math.isfinite(norm) and norm > max_norm:
+        torch._foreach_mul_(gs, max_norm / (norm + 1e-6))
 
 
 def clip_by_global_norm(grads, max_norm: float) -> tuple[dict, Tensor]:
@@ -116,7 +130,7 @@ def clip_by_global_norm(grads, max_norm: float) -> tuple[dict, Tensor]:
     norm leaves the gradients untouched (the train step skips such steps).
     """
     norm = global_norm(grads)
-    scale_to_max_norm_(grads, max_norm, float(norm))
+    scale_to_max_norm_(grads, max_norm, norm)
     return grads, norm
 
 
@@ -152,27 +166,45 @@ class AdamW:
                 "exp_avg": _by_slot({k: torch.zeros_like(v) for k, v in flat.items()}),
                 "exp_avg_sq": _by_slot({k: torch.zeros_like(v) for k, v in flat.items()})}
 
-    def update(self, params, grads, state: dict, step: int):
-        """One AdamW step at schedule step ``step``; updates ``params`` and ``state`` in place, returns both."""
+    def update(self, params, grads, state: dict, step: int, found_inf: Optional[Tensor] = None):
+        """One AdamW step at schedule step ``step``; updates ``params`` and ``state`` in place, returns both.
+
+        ``found_inf`` (a float32 scalar tensor, 1.0 to skip) leaves both untouched when set;
+        the fused kernel reads it on the device without a host sync.
+        """
         p, g = as_flat(params), as_flat(grads)
         _check_grads(p, g)
         m, v = _by_name(state["exp_avg"]), _by_name(state["exp_avg_sq"])
         lr = _lr_at(self.lr, step)
-        state["count"] += 1
         fused = self.fused if self.fused is not None else any(t.is_cuda for t in p.values())
+        if found_inf is not None and not fused and _skips(found_inf):
+            return params, state
+        state["count"] += 1
         # one call per weight-decay group: the kernels take a single decay value
         for wd, names in ((self.weight_decay, [k for k in p if self.decay(k, p[k])]),
                           (0.0, [k for k in p if not self.decay(k, p[k])])):
             if not names:
                 continue
             args = ([p[k] for k in names], [g[k] for k in names], [m[k] for k in names], [v[k] for k in names])
-            (_fused_adamw if fused else _foreach_adamw)(*args, state["count"], lr, self.betas, self.eps, wd)
+            if fused:
+                _fused_adamw(*args, state["count"], lr, self.betas, self.eps, wd, found_inf)
+            else:
+                _foreach_adamw(*args, state["count"], lr, self.betas, self.eps, wd)
+        if fused and found_inf is not None:
+            state["count"] -= found_inf.to(state["count"].dtype)  # as torch.optim does: a skipped step is not counted
         return params, state
 
 
-def _fused_adamw(ps, gs, ms, vs, count, lr, betas, eps, wd):
+def _skips(found_inf: Tensor) -> bool:
+    """Whether a ``found_inf`` flag says skip (a host read: it waits for the device)."""
+    return bool(found_inf.item() != 0)
+
+
+def _fused_adamw(ps, gs, ms, vs, count, lr, betas, eps, wd, found_inf=None):
+    if found_inf is not None:
+        found_inf = found_inf.to(device=ps[0].device, dtype=torch.float32)
     torch._fused_adamw_(ps, gs, ms, vs, [], [count] * len(ps), lr=lr, beta1=betas[0], beta2=betas[1],
-                        weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+                        weight_decay=wd, eps=eps, amsgrad=False, maximize=False, found_inf=found_inf)
 
 
 def _foreach_adamw(ps, gs, ms, vs, count, lr, betas, eps, wd):
@@ -250,10 +282,16 @@ class Muon:
             raise ValueError(f"Muon takes 2-D matrices only; got {[(k, list(flat[k].shape)) for k in bad[:5]]}")
         return {"momentum": _by_slot({k: torch.zeros_like(v) for k, v in flat.items()})}
 
-    def update(self, params, grads, state: dict, step: int):
-        """One Muon step; updates ``params`` and ``state`` in place, returns both."""
+    def update(self, params, grads, state: dict, step: int, found_inf: Optional[Tensor] = None):
+        """One Muon step; updates ``params`` and ``state`` in place, returns both.
+
+        ``found_inf`` (a scalar tensor, nonzero to skip) is read on the host: a skipped step
+        changes nothing.
+        """
         p, g = as_flat(params), as_flat(grads)
         _check_grads(p, g)
+        if found_inf is not None and _skips(found_inf):
+            return params, state
         buf = _by_name(state["momentum"])
         lr = _lr_at(self.lr, step)
         by_shape: dict[tuple, list[str]] = defaultdict(list)
@@ -300,17 +338,19 @@ class Partitioned:
         parts = self._split(as_flat(params))
         return {label: opt.init(parts[label]) for label, opt in self.optimizers.items()}
 
-    def update(self, params, grads, state: dict, step: int):
+    def update(self, params, grads, state: dict, step: int, found_inf: Optional[Tensor] = None):
         """Route each parameter's gradient to its optimizer; in place, returns ``(params, state)``.
 
         Every sub-optimizer steps, even one with no parameters here, so step counters
         advance together (a rank's shard of a sharded optimizer may hold none of a group).
+        ``found_inf`` goes to each of them.
         """
         p, g = as_flat(params), as_flat(grads)
         _check_grads(p, g)
         pp, gp = self._split(p), self._split(g)
+        extra = {} if found_inf is None else {"found_inf": found_inf}
         for label, opt in self.optimizers.items():
-            opt.update(pp[label], gp[label], state[label], step)
+            opt.update(pp[label], gp[label], state[label], step, **extra)
         return params, state
 
 

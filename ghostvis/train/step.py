@@ -29,9 +29,9 @@ untouched and reports ``skipped=True``; the loop counts and stops on a streak.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -512,14 +512,63 @@ def accumulate_overlapped(grad_fn: Callable, tapped_fn: Callable, reducer, train
     return reducer.finish_overlap_(grads), loss + value.detach().float()
 
 
-@dataclass
 class StepResult:
-    """What one step did. ``loss`` is the token-mean over the global batch; ``tokens`` its supervised count."""
+    """What one step did: ``loss`` (the token-mean over the global batch), ``grad_norm`` (before
+    clipping), ``tokens`` (its supervised count) and ``skipped`` (non-finite: nothing was updated).
 
-    loss: float
-    grad_norm: float
-    tokens: int
-    skipped: bool
+    A train step's numbers stay on the device until read: :meth:`from_device` starts their copy
+    to the host and the first read of any of them waits for that copy alone. The step's optimizer
+    update is queued behind it, so reading a step's result does not wait for its update, and a
+    loop that reads step ``n``'s numbers after queueing step ``n + 1`` never leaves the GPU idle.
+    """
+
+    def __init__(self, loss: float = math.nan, grad_norm: float = math.nan, tokens: int = 0,
+                 skipped: bool = False):
+        self._values = (float(loss), float(grad_norm), int(tokens), bool(skipped))
+        self._pending: Optional[tuple[Tensor, Optional[torch.cuda.Event]]] = None
+
+    @classmethod
+    def from_device(cls, stats: Tensor) -> "StepResult":
+        """A result read later from ``stats``: ``[loss, grad_norm, tokens, skipped]`` (a 1-D tensor)."""
+        result = cls()
+        if stats.is_cuda:
+            host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            result._pending = (host, done)
+        else:
+            result._pending = (stats, None)
+        return result
+
+    def ready(self) -> bool:
+        """Whether the numbers can be read without waiting for the device."""
+        return self._pending is None or self._pending[1] is None or self._pending[1].query()
+
+    def _read(self) -> tuple[float, float, int, bool]:
+        if self._pending is not None:
+            host, done = self._pending
+            if done is not None:
+                done.synchronize()
+            loss, norm, tokens, skipped = host.tolist()
+            self._values, self._pending = (loss, norm, int(tokens), bool(skipped)), None
+        return self._values
+
+    loss = property(lambda self: self._read()[0], doc="token-mean loss over the global batch")
+    grad_norm = property(lambda self: self._read()[1], doc="global gradient norm before clipping")
+    tokens = property(lambda self: self._read()[2], doc="supervised tokens in the global batch")
+    skipped = property(lambda self: self._read()[3], doc="non-finite loss or gradient norm: nothing was updated")
+
+    def __repr__(self) -> str:
+        loss, norm, tokens, skipped = self._read()
+        return f"StepResult(loss={loss}, grad_norm={norm}, tokens={tokens}, skipped={skipped})"
+
+
+def _takes_found_inf(optimizer) -> bool:
+    try:
+        return "found_inf" in inspect.signature(optimizer.update).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, remat_blocks: bool = False,
@@ -532,6 +581,11 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     Returns ``train_step(trainable, opt_state, micro_batches, step) -> (trainable, opt_state, StepResult)``.
     Params and optimizer state are updated in place (see :mod:`.optim`); a step with a
     non-finite loss or gradient norm updates nothing.
+
+    The step does not wait for the device: clipping runs on the device, and the skip is the
+    optimizer's ``found_inf`` flag, so the whole step is queued and the :class:`StepResult`
+    is read later. An optimizer whose ``update`` takes no ``found_inf`` is called only after
+    the host has read whether the step is finite (one sync per step).
 
     With a reducer that overlaps (:func:`overlaps`), the gradient all-reduce runs during
     the last micro-batch's backward (:func:`accumulate_overlapped`). Not with
@@ -554,6 +608,7 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     if overlaps(reducer) and compile_grad:
         log.info("gradient all-reduce: after the backward (it cannot overlap a compiled backward)")
     tapped_fn = value_and_grad(cfg, frozen, **kw, grad_sink=reducer.grad_ready) if overlap else None
+    on_device_skip = _takes_found_inf(optimizer)
 
     def train_step(trainable: Flat, opt_state: dict, micro_batches: Sequence[dict], step: int):
         device = next(iter(trainable.values())).device
@@ -569,14 +624,17 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
                 grads = reducer.sum_grads_(grads)
         if reducer is not None:
             loss = reducer.sum_(loss)
-        # one host sync per step, before the update: the update's kernels are left running while
-        # the caller logs and prepares the next batch
-        loss_v, norm_v, tokens_v = torch.stack([loss.double(), global_norm(grads).double(),
-                                                tokens.double()]).tolist()
-        ok = math.isfinite(loss_v) and math.isfinite(norm_v)
-        if ok:
-            scale_to_max_norm_(grads, grad_clip, norm_v)
+        # no host sync: the numbers are copied back while the update runs, and a non-finite step is
+        # skipped by the optimizer on the device (found_inf), so the next step can be queued at once
+        norm = global_norm(grads)
+        stats = torch.stack([loss.double(), norm.double(), tokens.double()])
+        bad = ~torch.isfinite(stats[:2]).all()
+        result = StepResult.from_device(torch.cat([stats, bad.double()[None]]))
+        scale_to_max_norm_(grads, grad_clip, norm)
+        if on_device_skip:
+            trainable, opt_state = optimizer.update(trainable, grads, opt_state, step, found_inf=bad.float())
+        elif not result.skipped:  # an optimizer without found_inf: decide on the host
             trainable, opt_state = optimizer.update(trainable, grads, opt_state, step)
-        return trainable, opt_state, StepResult(loss_v, norm_v, int(tokens_v), not ok)
+        return trainable, opt_state, result
 
     return train_step
