@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import ghostvis as gv
 from ghostvis.core.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig
-from ghostvis.core.model import ImageTokenMismatch
+from ghostvis.core.model import ImageTokenMismatch, inputs_checked
 
 
 def small_text(**kw):
@@ -114,6 +114,10 @@ def test_placeholder_mismatch_names_both_counts():
     text_cfg = ModelConfig(text=small_text())
     with pytest.raises(ImageTokenMismatch, match="text-only"):
         gv.forward(gv.init(text_cfg), text_cfg, tokens.clamp(max=96), images)
+    with inputs_checked():  # the caller vouches for its inputs (the loop checks them on the host)
+        assert gv.forward(params, cfg, tokens, images[:2]).isfinite().all()
+    with pytest.raises(ImageTokenMismatch):  # and only inside the block
+        gv.forward(params, cfg, tokens, images[:2])
 
 
 @settings(max_examples=4)

@@ -256,6 +256,20 @@ def test_step_result_reads_once_and_formats():
     assert tstep.StepResult(1.0, 2.0, 3, True).skipped
 
 
+def test_loop_checks_placeholders_on_the_host(tmp_path):
+    class Short(Batches):
+        def __next__(self):
+            b = super().__next__()
+            b["images"] = b["images"][:1]  # two rows of placeholders, one image
+            return b
+
+    tc = loop.TrainConfig(steps=2, batch_size=2, seq_len=24)
+    with pytest.raises(gv.ImageTokenMismatch, match="2 images|1 images"):
+        loop.train(gv.init(CFG), CFG, Short(), tc, loop.RunConfig(name="m", out_dir=str(tmp_path), progress=False))
+    b = random_batch()
+    assert loop.check_on_host(CFG, b) and not loop.check_on_host(CFG, {**b, "tokens": b["tokens"].to("meta")})
+
+
 def test_loop_reads_each_step_after_queueing_the_next(tmp_path, monkeypatch):
     """The host queues step n + 1 before it reads step n's numbers (so it never waits for the GPU
     between steps), except after a skipped step and before a checkpoint."""
@@ -583,8 +597,8 @@ def test_gpu_cuda_graph_steps_match_compiled_steps():
 @pytest.mark.gpu
 @pytest.mark.parametrize("images", [False, True])
 def test_gpu_train_step_never_waits_for_the_device(images):
-    """With fused AdamW (the default on CUDA) a whole step, a skipped one too (a NaN image), is queued
-    without a host sync: torch's sync debug mode raises on any. Its numbers are read afterwards."""
+    """With fused AdamW (the default on CUDA) a whole eager step, a skipped one too (a NaN image), is
+    queued without a host sync: torch's sync debug mode raises on any. Its numbers are read afterwards."""
     params = {k: v.cuda() for k, v in gv.flatten(gv.init(CFG, seed=3)).items()}
     opt = AdamW(lr=1e-3)
     state = opt.init(params)
@@ -600,9 +614,10 @@ def test_gpu_train_step_never_waits_for_the_device(images):
     before = {k: v.clone() for k, v in params.items()}
     torch.cuda.set_sync_debug_mode("error")
     try:
-        params, state, r_bad = step(params, state, [bad], 1)
-        after_bad = {k: v.clone() for k, v in params.items()}
-        params, state, r_good = step(params, state, [good], 2)
+        with gv.core.model.inputs_checked():  # as the loop calls it, having counted placeholders on the host
+            params, state, r_bad = step(params, state, [bad], 1)
+            after_bad = {k: v.clone() for k, v in params.items()}
+            params, state, r_good = step(params, state, [good], 2)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert r_bad.skipped and not r_good.skipped and math.isfinite(r_good.loss)

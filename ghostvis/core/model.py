@@ -11,7 +11,9 @@ several images, and ``images`` is simply all images of the batch in order.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+from typing import Iterator, Optional
 
 import torch
 
@@ -64,6 +66,21 @@ def check_image_tokens(cfg: ModelConfig, tokens: Tensor, n_images: int) -> None:
             f"tokens per image = {expected}")
 
 
+_INPUTS_CHECKED = contextvars.ContextVar("ghostvis_inputs_checked", default=False)
+
+
+@contextlib.contextmanager
+def inputs_checked() -> Iterator[None]:
+    """Within this block :func:`embed` skips :func:`check_image_tokens`: the caller has checked the
+    batches on the host already (the training loop does, on its CPU batches). On a GPU the check
+    reads a count back, which makes the host wait for the device at the start of every forward."""
+    token = _INPUTS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _INPUTS_CHECKED.reset(token)
+
+
 def merge_images(text_embeds: Tensor, tokens: Tensor, image_embeds: Tensor, image_token_id: int) -> Tensor:
     """Place ``image_embeds`` (all images' tokens, flattened in order) at the placeholder positions.
 
@@ -73,7 +90,8 @@ def merge_images(text_embeds: Tensor, tokens: Tensor, image_embeds: Tensor, imag
     (``masked_scatter``'s backward, a ``masked_select``, does) and the training step
     can be captured in a CUDA graph. Placeholders beyond the image tokens reuse the
     last row: :func:`check_image_tokens` rejects such inputs in eager calls of
-    :func:`embed`, which skips the check (a host sync) under ``torch.compile``.
+    :func:`embed`, which skips the check (a host sync) under ``torch.compile`` and
+    :func:`inputs_checked`.
     """
     b, t, d = text_embeds.shape
     is_image = (tokens == image_token_id).reshape(-1)
@@ -92,7 +110,7 @@ def embed(params: dict, cfg: ModelConfig, tokens: Tensor, images: Optional[Tenso
     x = params["text"]["embed"][tokens]
     source = image_embeds if image_embeds is not None else images
     n_images = 0 if source is None else source.shape[0]
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not _INPUTS_CHECKED.get():
         check_image_tokens(cfg, tokens, n_images)
     if n_images and image_embeds is None:
         image_embeds = encode_images(params, cfg, images)

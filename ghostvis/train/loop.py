@@ -19,6 +19,7 @@ torchrun each rank passes its own shard, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from typing import Callable, Iterator, Literal, Optional
 import torch
 
 from ..core.io import save_tree
-from ..core.model import flops_per_token
+from ..core.model import check_image_tokens, flops_per_token, inputs_checked
 from ..core.model import init as gv_init
 from ..core.tree import merge, tree_map
 from ..ops import ring
@@ -237,6 +238,17 @@ def data_rank(di: "distributed.DistInfo", tc: TrainConfig) -> tuple[int, int]:
     """``(rank, world_size)`` to shard the data by: context-parallel ranks read the same batches."""
     cp = max(1, tc.context_parallel)
     return di.rank // cp, di.world_size // cp
+
+
+def check_on_host(cfg, batch: dict) -> bool:
+    """Check a CPU batch's ``<|image|>`` placeholders against its images (raises
+    :class:`ghostvis.core.model.ImageTokenMismatch`); False, checking nothing, for a batch
+    already on a GPU (the forward checks it then)."""
+    if batch["tokens"].device.type != "cpu":
+        return False
+    images = batch.get("images")
+    check_image_tokens(cfg, batch["tokens"], 0 if images is None else images.shape[0])
+    return True
 
 
 def to_device(batch: dict, device) -> dict:
@@ -475,12 +487,16 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
     queued: list[tuple[int, list[dict], StepResult]] = []
     try:
         for step in range(start, tc.steps):
-            micro = [to_device(next(feed), device) for _ in range(tc.grad_accum)]
-            if cp > 1:
-                micro = [context_shard(mb, cp, cp_rank) for mb in micro]
-                with ring.context_parallel(cp_group, cp_positions):
-                    trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
-            else:
+            drawn = [next(feed) for _ in range(tc.grad_accum)]
+            # placeholders are counted here on the host, so the forward need not read a count back
+            checked = all(check_on_host(cfg, mb) for mb in drawn)
+            micro = [to_device(mb, device) for mb in drawn]
+            with contextlib.ExitStack() as scope:
+                if checked:
+                    scope.enter_context(inputs_checked())
+                if cp > 1:
+                    micro = [context_shard(mb, cp, cp_rank) for mb in micro]
+                    scope.enter_context(ring.context_parallel(cp_group, cp_positions))
                 trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
             queued.append((step, micro, result))
             saving = rc.save_every and (step + 1) % rc.save_every == 0 and step + 1 < tc.steps
@@ -506,5 +522,5 @@ def frozen_names(params: dict, spec: str) -> list[str]:
 
 
 __all__ = ["TrainConfig", "RunConfig", "ModelSource", "load_initial", "TrainResult", "TrainingDiverged", "train",
-           "build_optimizer", "to_device",
+           "build_optimizer", "to_device", "check_on_host",
            "read_metrics", "append_metrics", "plot_loss", "frozen_names"]
