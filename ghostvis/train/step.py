@@ -582,10 +582,12 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     Params and optimizer state are updated in place (see :mod:`.optim`); a step with a
     non-finite loss or gradient norm updates nothing.
 
-    The step does not wait for the device: clipping runs on the device, and the skip is the
-    optimizer's ``found_inf`` flag, so the whole step is queued and the :class:`StepResult`
-    is read later. An optimizer whose ``update`` takes no ``found_inf`` is called only after
-    the host has read whether the step is finite (one sync per step).
+    A compiled step does not wait for the device: clipping runs on the device, and the skip is
+    the optimizer's ``found_inf`` flag, so the whole step is queued and the :class:`StepResult`
+    is read later. An eager step waits once, in the loss, where it gathers the supervised
+    positions before the LM head (a size only the data knows; it saves the head's work on
+    unsupervised rows). An optimizer whose ``update`` takes no ``found_inf`` is called only
+    after the host has read whether the step is finite.
 
     With a reducer that overlaps (:func:`overlaps`), the gradient all-reduce runs during
     the last micro-batch's backward (:func:`accumulate_overlapped`). Not with
