@@ -53,6 +53,32 @@ def test_loss_is_token_mean_cross_entropy():
     torch.testing.assert_close(loss_fn(params, b, CFG, select=False), want, atol=1e-5, rtol=1e-5)
 
 
+def test_loss_under_autocast_runs_the_lm_head_in_the_autocast_dtype(monkeypatch):
+    """Float32 params under bf16 autocast: the fused LM head + cross-entropy (a custom op autocast does not
+    reach) gets bf16 inputs, as a matmul would, and the loss stays close to the float32 one, compiled too."""
+    params, b = gv.init(CFG, seed=0), random_batch()
+    seen = []
+    real = gv.ops.linear_cross_entropy
+
+    def spy(h, w, *a, **k):
+        seen.append((h.dtype, w.dtype))
+        return real(h, w, *a, **k)
+
+    monkeypatch.setattr(gv.ops, "linear_cross_entropy", spy)
+    want = loss_fn(params, b, CFG)
+    assert seen == [(torch.float32, torch.float32)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_fn(params, b, CFG)
+        compiled = torch.compile(lambda p, b: loss_fn(p, b, CFG, select=False), backend="eager", fullgraph=True)
+        got_compiled = compiled(params, b)
+    assert seen[1] == (torch.bfloat16, torch.bfloat16)
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(got_compiled.float(), want, atol=0.05, rtol=0.02)
+    trainable, frozen = tstep.partition(params, "all")
+    grads, _ = tstep.value_and_grad(CFG, frozen, autocast=torch.bfloat16)(trainable, b, None)
+    assert grads["text.embed"].dtype == torch.float32 and grads["text.embed"].abs().sum() > 0
+
+
 def test_accumulation_matches_one_big_batch():
     params = gv.init(CFG, seed=1)
     trainable, frozen = tstep.partition(params, "all")

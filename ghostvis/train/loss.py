@@ -52,6 +52,11 @@ def loss_fn(params: dict, batch: dict, cfg, *, normalizer: Optional[Tensor | flo
     head = decoder.lm_head_weight(params["text"])
     if is_quantized(head):  # an INT8 head is frozen: its float value, no gradient
         head = dequantize_weight(head).detach()
+    if torch.is_autocast_enabled(h.device.type):
+        # autocast does not reach this custom op: cast its matmul's inputs as autocast casts a matmul's
+        # (float32 params and residual stream would otherwise run the LM head as a float32 GEMM)
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, head = h.to(dtype), head.to(dtype)
     total = ops.linear_cross_entropy(h, head, targets, ignore_index=IGNORE, reduction="sum")
     if normalizer is None:
         normalizer = (targets != IGNORE).sum().clamp(min=1)
