@@ -157,6 +157,28 @@ def test_found_inf_skips_the_update_and_zero_applies_it(kind):
     assert optim.num_updates(s_mine) == 3  # skipped steps are not counted
 
 
+def test_an_optimizer_without_found_inf_is_skipped_on_the_host():
+    class SGD:  # a user's optimizer: update takes no found_inf
+        def init(self, params):
+            return {}
+
+        def update(self, params, grads, state, step):
+            for k in params:
+                params[k].sub_(0.1 * grads[k])
+            return params, state
+
+    assert not optim.takes_found_inf(SGD()) and optim.takes_found_inf(AdamW())
+    opt = optim.Partitioned({"sgd": SGD(), "adamw": AdamW(lr=0.1)},
+                            assign=lambda name, t: "sgd" if name.startswith("a") else "adamw")
+    params = {"a.w": torch.ones(3), "c.w": torch.ones(2)}
+    state = opt.init(params)
+    grads = {"a.w": torch.full((3,), float("nan")), "c.w": torch.full((2,), float("inf"))}
+    optim.update_or_skip(opt, params, grads, state, 0, torch.tensor(1.0))
+    assert torch.equal(params["a.w"], torch.ones(3)) and torch.equal(params["c.w"], torch.ones(2))
+    optim.update_or_skip(opt, params, {k: torch.ones_like(v) for k, v in params.items()}, state, 0, torch.tensor(0.0))
+    assert torch.allclose(params["a.w"], torch.full((3,), 0.9)) and (params["c.w"] < 1).all()
+
+
 def test_muon_rejects_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         Muon().init({"text.norm": torch.ones(3)})

@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 from ..core.io import CheckpointError
 from ..core.tree import flatten
-from .optim import as_flat
+from .optim import as_flat, update_or_skip
 
 Tensor = torch.Tensor
 Flat = dict[str, Tensor]
@@ -417,8 +417,7 @@ class ShardedOptimizer:
             raise KeyError(f"grads do not match params: {sorted(p.keys() ^ g.keys())[:5]}")
         owners = self.owners(p)
         mine = self._mine(p, owners, self.rank)
-        extra = {} if found_inf is None else {"found_inf": found_inf}
-        self.inner.update(mine, {n: g[n] for n in mine}, state, step, **extra)
+        update_or_skip(self.inner, mine, {n: g[n] for n in mine}, state, step, found_inf)
         self._broadcast_from_owners(p, owners)
         return params, state
 

@@ -34,6 +34,7 @@ never do, since decaying a lookup table pulls rare tokens to zero.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -200,6 +201,26 @@ def _skips(found_inf: Tensor) -> bool:
     return bool(found_inf.item() != 0)
 
 
+def takes_found_inf(optimizer) -> bool:
+    """Whether ``optimizer.update`` accepts a ``found_inf`` flag."""
+    try:
+        return "found_inf" in inspect.signature(optimizer.update).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def update_or_skip(optimizer, params, grads, state: dict, step: int, found_inf: Optional[Tensor]):
+    """``optimizer.update(...)`` with ``found_inf`` handed over where it is taken; for an optimizer
+    without it, the flag is read on the host and a set one skips the call. Returns ``(params, state)``."""
+    if found_inf is None:
+        return optimizer.update(params, grads, state, step)
+    if takes_found_inf(optimizer):
+        return optimizer.update(params, grads, state, step, found_inf=found_inf)
+    if _skips(found_inf):
+        return params, state
+    return optimizer.update(params, grads, state, step)
+
+
 def _fused_adamw(ps, gs, ms, vs, count, lr, betas, eps, wd, found_inf=None):
     if found_inf is not None:
         found_inf = found_inf.to(device=ps[0].device, dtype=torch.float32)
@@ -348,9 +369,8 @@ class Partitioned:
         p, g = as_flat(params), as_flat(grads)
         _check_grads(p, g)
         pp, gp = self._split(p), self._split(g)
-        extra = {} if found_inf is None else {"found_inf": found_inf}
         for label, opt in self.optimizers.items():
-            opt.update(pp[label], gp[label], state[label], step, **extra)
+            update_or_skip(opt, pp[label], gp[label], state[label], step, found_inf)
         return params, state
 
 
@@ -408,4 +428,4 @@ def num_updates(state: dict) -> int:
 
 __all__ = ["AdamW", "Muon", "Partitioned", "make_optimizer", "is_muon_param", "muon_or_adamw", "decays",
            "newton_schulz", "global_norm", "clip_by_global_norm", "scale_to_max_norm_", "save_state", "load_state",
-           "as_flat", "num_updates"]
+           "as_flat", "num_updates", "takes_found_inf", "update_or_skip"]

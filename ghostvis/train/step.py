@@ -29,7 +29,6 @@ untouched and reports ``skipped=True``; the loop counts and stops on a streak.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from typing import Callable, Optional, Protocol, Sequence
@@ -40,7 +39,7 @@ from .. import ops
 from ..core import decoder
 from ..core.tree import flatten, merge, split, unflatten
 from .loss import loss_fn, supervised_tokens
-from .optim import global_norm, scale_to_max_norm_
+from .optim import global_norm, scale_to_max_norm_, update_or_skip
 
 log = logging.getLogger("ghostvis.train")
 
@@ -564,13 +563,6 @@ class StepResult:
         return f"StepResult(loss={loss}, grad_norm={norm}, tokens={tokens}, skipped={skipped})"
 
 
-def _takes_found_inf(optimizer) -> bool:
-    try:
-        return "found_inf" in inspect.signature(optimizer.update).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, remat_blocks: bool = False,
                     remat_policy: str = "full",
                     compile_grad: bool = False, autocast: Optional[torch.dtype] = None,
@@ -610,7 +602,6 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     if overlaps(reducer) and compile_grad:
         log.info("gradient all-reduce: after the backward (it cannot overlap a compiled backward)")
     tapped_fn = value_and_grad(cfg, frozen, **kw, grad_sink=reducer.grad_ready) if overlap else None
-    on_device_skip = _takes_found_inf(optimizer)
 
     def train_step(trainable: Flat, opt_state: dict, micro_batches: Sequence[dict], step: int):
         device = next(iter(trainable.values())).device
@@ -633,10 +624,7 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
         bad = ~torch.isfinite(stats[:2]).all()
         result = StepResult.from_device(torch.cat([stats, bad.double()[None]]))
         scale_to_max_norm_(grads, grad_clip, norm)
-        if on_device_skip:
-            trainable, opt_state = optimizer.update(trainable, grads, opt_state, step, found_inf=bad.float())
-        elif not result.skipped:  # an optimizer without found_inf: decide on the host
-            trainable, opt_state = optimizer.update(trainable, grads, opt_state, step)
+        trainable, opt_state = update_or_skip(optimizer, trainable, grads, opt_state, step, bad.float())
         return trainable, opt_state, result
 
     return train_step
