@@ -7,6 +7,11 @@ progress bar (loss, tokens/s, ETA; MFU on GPU), ``metrics.jsonl`` and a
 loss-curve PNG in the run folder, the NaN/Inf guard, checkpoints every
 ``save_every`` steps (and at the end), and ``--resume`` from the latest one.
 
+The host does not wait for the GPU between steps: a step's loss and gradient
+norm (:class:`ghostvis.train.step.StepResult`) are read once the next step is
+queued, except after a skipped step, before a checkpoint and at the end, where
+they are read at once.
+
 Resume is exact: a checkpoint holds the params, the optimizer state, the data
 cursor and the RNG states, and ``metrics.jsonl`` is cut back to the checkpoint's
 step, so a run killed at any point and resumed writes the same losses as one
