@@ -282,7 +282,7 @@ def test_step_result_reads_once_and_formats():
     assert tstep.StepResult(1.0, 2.0, 3, True).skipped
 
 
-def test_loop_checks_placeholders_on_the_host(tmp_path):
+def test_loop_checks_placeholders_on_the_host(tmp_path, monkeypatch):
     class Short(Batches):
         def __next__(self):
             b = super().__next__()
@@ -290,6 +290,8 @@ def test_loop_checks_placeholders_on_the_host(tmp_path):
             return b
 
     tc = loop.TrainConfig(steps=2, batch_size=2, seq_len=24)
+    # the model's own check switched off: the loop's check on the host must still refuse the batch
+    monkeypatch.setattr(gv.core.model, "check_image_tokens", lambda *a: None)
     with pytest.raises(gv.ImageTokenMismatch, match="2 images|1 images"):
         loop.train(gv.init(CFG), CFG, Short(), tc, loop.RunConfig(name="m", out_dir=str(tmp_path), progress=False))
     b = random_batch()
@@ -368,6 +370,30 @@ def test_loop_skips_then_stops_on_a_nan_streak(tmp_path):
                                                                                     progress=False, plot=False))
     saved, _ = gv.core.io.load_tree(tmp_path / "nan2" / "bad_batch_step000004.safetensors")
     assert torch.isinf(saved[0]["images"]).all()
+
+
+def test_loop_with_one_bad_step_allowed_stops_before_the_next_step(tmp_path):
+    """max_bad_steps=1: the run stops at the first bad step, before another batch is drawn or applied."""
+    feed = Batches(poison={1})
+    tc = loop.TrainConfig(steps=6, batch_size=2, seq_len=24, max_bad_steps=1)
+    with pytest.raises(loop.TrainingDiverged, match=r"step 1: .*params are those of step 0"):
+        loop.train(gv.init(CFG), CFG, feed, tc, loop.RunConfig(name="one", out_dir=str(tmp_path), progress=False,
+                                                                plot=False))
+    assert feed.i == 2
+
+
+def test_loop_records_the_queued_step_when_the_data_runs_out(tmp_path):
+    class Three(Batches):
+        def __next__(self):
+            if self.i == 3:
+                raise StopIteration
+            return super().__next__()
+
+    tc = loop.TrainConfig(steps=6, batch_size=2, seq_len=24)
+    with pytest.raises(StopIteration):
+        loop.train(gv.init(CFG), CFG, Three(), tc, loop.RunConfig(name="short", out_dir=str(tmp_path),
+                                                                   progress=False, plot=False))
+    assert [r["step"] for r in loop.read_metrics(tmp_path / "short")] == [0, 1, 2]
 
 
 def test_remat_policies_save_fewer_activations():

@@ -7,10 +7,12 @@ progress bar (loss, tokens/s, ETA; MFU on GPU), ``metrics.jsonl`` and a
 loss-curve PNG in the run folder, the NaN/Inf guard, checkpoints every
 ``save_every`` steps (and at the end), and ``--resume`` from the latest one.
 
-The host does not wait for the GPU between steps: a step's loss and gradient
-norm (:class:`ghostvis.train.step.StepResult`) are read once the next step is
-queued, except after a skipped step, before a checkpoint and at the end, where
-they are read at once.
+A step's loss and gradient norm (:class:`ghostvis.train.step.StepResult`) are
+read once the next step is queued (at once after a skipped step, before a
+checkpoint and at the end), so the loop does not make the host wait for the GPU
+between steps. With ``--train.compile`` and AdamW on CUDA the step itself waits
+on nothing either; an eager step waits once in the loss, and Muon once per step
+(see :func:`ghostvis.train.step.make_train_step`).
 
 Resume is exact: a checkpoint holds the params, the optimizer state, the data
 cursor and the RNG states, and ``metrics.jsonl`` is cut back to the checkpoint's
@@ -486,9 +488,11 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
             t_last, steps_since = now, 0
         bar.update(1, postfix)
 
-    # Step n's numbers are read once step n + 1 is queued, so the host never waits for the GPU
-    # between steps. After a non-finite step the next one is read at once too (a streak stops the
-    # run exactly where a loop reading each step at once would), and before a checkpoint.
+    # Step n's numbers are read once step n + 1 is queued, so the loop itself does not make the host
+    # wait for the GPU between steps. After a non-finite step the next one is read at once too (a
+    # streak stops the run exactly where a loop reading each step at once would), and so is every
+    # step when one bad step stops the run, before a checkpoint, and at the end.
+    read_at_once = tc.max_bad_steps <= 1
     queued: list[tuple[int, list[dict], StepResult]] = []
     try:
         for step in range(start, tc.steps):
@@ -505,10 +509,19 @@ def train(params: dict, cfg, batches: Iterator[dict], tc: TrainConfig, rc: RunCo
                 trainable, opt_state, result = step_fn(trainable, opt_state, micro, step)
             queued.append((step, micro, result))
             saving = rc.save_every and (step + 1) % rc.save_every == 0 and step + 1 < tc.steps
-            while queued and (len(queued) > 1 or bad_streak or saving or step + 1 == tc.steps):
+            while queued and (len(queued) > 1 or bad_streak or read_at_once or saving or step + 1 == tc.steps):
                 finish(*queued.pop(0))
             if saving:
                 save(step + 1)
+    except BaseException:
+        # a failure while queueing the next step (the data ran out, Ctrl-C): the queued step's
+        # numbers are still recorded, as far as they can be
+        while queued:
+            try:
+                finish(*queued.pop(0))
+            except Exception:
+                break
+        raise
     finally:
         bar.close()
         if feed is not batches:

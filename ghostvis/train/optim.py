@@ -23,9 +23,9 @@ perceiver latents, the 4-D patch embedding, norms and biases.
 
 Skipping a step: ``update(..., found_inf=flag)`` with a float32 scalar tensor
 (1.0 = skip, 0.0 = apply) leaves ``params`` and ``state`` untouched when the flag is
-set. Fused AdamW reads the flag on the device, so the host never waits for it (a
-train step can be queued whole, its loss read later); the other paths read it on
-the host first.
+set. Fused AdamW reads the flag on the device, so the host does not wait for it (a
+train step can be queued whole, its loss read later); the other paths (Muon,
+unfused AdamW, an AdamW with no parameters) read it on the host first.
 
 Weight decay (:func:`decays`): matrices decay; vectors (norms, biases) and
 embedding tables (``text.embed``, ``vision.pos_embed``, ``connector.latents``)
@@ -112,7 +112,7 @@ def scale_to_max_norm_(grads, max_norm: float, norm: float | Tensor) -> None:
 
     ``max_norm <= 0`` disables clipping; a non-finite norm leaves the gradients untouched.
     ``norm`` may be a float, or a scalar tensor (as :func:`global_norm` returns): then the
-    scale is computed and applied on the tensor's device and the host never waits for it.
+    scale is computed and applied on the tensor's device and the host does not wait for it.
     """
     if max_norm <= 0:
         return

@@ -518,7 +518,8 @@ class StepResult:
     A train step's numbers stay on the device until read: :meth:`from_device` starts their copy
     to the host and the first read of any of them waits for that copy alone. The step's optimizer
     update is queued behind it, so reading a step's result does not wait for its update, and a
-    loop that reads step ``n``'s numbers after queueing step ``n + 1`` never leaves the GPU idle.
+    loop that reads step ``n``'s numbers after queueing step ``n + 1`` keeps work queued ahead
+    of the GPU.
     """
 
     def __init__(self, loss: float = math.nan, grad_norm: float = math.nan, tokens: int = 0,
@@ -534,7 +535,7 @@ class StepResult:
             host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
             host.copy_(stats, non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(stats.device))  # the copy's stream, whatever the current device
             result._pending = (host, done)
         else:
             result._pending = (stats, None)
@@ -574,12 +575,13 @@ def make_train_step(cfg, optimizer, frozen: Flat, *, grad_clip: float = 1.0, rem
     Params and optimizer state are updated in place (see :mod:`.optim`); a step with a
     non-finite loss or gradient norm updates nothing.
 
-    A compiled step does not wait for the device: clipping runs on the device, and the skip is
-    the optimizer's ``found_inf`` flag, so the whole step is queued and the :class:`StepResult`
-    is read later. An eager step waits once, in the loss, where it gathers the supervised
-    positions before the LM head (a size only the data knows; it saves the head's work on
-    unsupervised rows). An optimizer whose ``update`` takes no ``found_inf`` is called only
-    after the host has read whether the step is finite.
+    A compiled step with fused AdamW (the default on CUDA) does not wait for the device:
+    clipping runs on the device, and the skip is the optimizer's ``found_inf`` flag, so the
+    whole step is queued and the :class:`StepResult` is read later. Where the host does wait:
+    an eager step once, in the loss, where it gathers the supervised positions before the LM
+    head (a size only the data knows; it saves the head's work on unsupervised rows); and
+    optimizers that read ``found_inf`` on the host (Muon, unfused AdamW, AdamW with no
+    parameters on this rank) or take none (:func:`ghostvis.train.optim.update_or_skip`).
 
     With a reducer that overlaps (:func:`overlaps`), the gradient all-reduce runs during
     the last micro-batch's backward (:func:`accumulate_overlapped`). Not with
